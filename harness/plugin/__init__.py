@@ -1,0 +1,58 @@
+"""The pytest plugin (entry point ``merge_harness``): options, generated items, summary, gate.
+
+Loaded by pytest on every run, so it imports nothing heavy: without ``--merged-model`` (or
+``--base-model`` with ``--adapter``) it registers its options and markers and does nothing else.
+When a merge is named, a :class:`~harness.plugin.session.HarnessSession` holding the run's state
+is registered as a second plugin and carries the remaining hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness.plugin.options import add_options, read_options, wanted
+from harness.plugin.state import STATE_KEY, State
+
+__all__ = ["pytest_addoption", "pytest_configure", "pytest_configure_node"]
+
+_MARKERS = {
+    "merge_harness": "a built-in merge-harness check",
+    "structure": "merge-harness structure check",
+    "weights": "merge-harness weight oracle check",
+    "behaviour": "merge-harness forward-pass check",
+    "hash": "merge-harness hash check",
+    "benchmark": "merge-harness benchmark check",
+}
+SESSION_PLUGIN = "merge_harness_session"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register the ``merge-harness`` option group and ini keys."""
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Activate the harness when a merge was named; invalid options are a usage error (exit 4)."""
+    for name, text in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    if not wanted(config):
+        return
+    from harness.plugin.session import HarnessSession
+    from harness.plugin.setup import prepare
+
+    state = State(read_options(config))
+    prepare(state, config)
+    config.stash[STATE_KEY] = state
+    config.pluginmanager.register(HarnessSession(state, config), SESSION_PLUGIN)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: hand the controller's resolved inputs (its own merge included) to each worker."""
+    state = node.config.stash.get(STATE_KEY, None)
+    if state is not None:
+        from harness.plugin.setup import export_for_worker
+
+        node.workerinput["merge_harness"] = export_for_worker(state)

@@ -1,0 +1,83 @@
+"""The generated test items: one :class:`CheckItem` per :class:`Check`, under one collector."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from harness.result import Check, CheckResult, Outcome
+
+if TYPE_CHECKING:
+    from harness.plugin.state import State
+
+RESULT_PROPERTY = "merge_result"
+
+
+class MergeHarnessWarning(UserWarning):
+    """A check that passed with something worth reading (a sidecar differs, a note)."""
+
+
+class CheckFailed(Exception):
+    """Raised by a failing item; carries the result so ``repr_failure`` prints no traceback."""
+
+    def __init__(self, result: CheckResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+class MergeSuite(pytest.Collector):
+    """The parent of every generated item; its node id is ``merge``."""
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        """Items are created by the plugin's collection hook, not by collecting files."""
+        return []
+
+
+class CheckItem(pytest.Item):
+    """A built-in merge check run as a pytest item (``merge::<family>::<name>``)."""
+
+    def __init__(self, *, check: Check, state: State, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check = check
+        self.state = state
+        self.add_marker(pytest.mark.merge_harness)
+        self.add_marker(getattr(pytest.mark, check.kind.value))
+
+    def runtest(self) -> None:
+        """Run the check; fail, skip or warn according to its outcome."""
+        from harness.runner import run_check
+
+        result = run_check(self.check, self.state.context(), self.state.options.check_timeout)
+        self.user_properties.append((RESULT_PROPERTY, json.dumps(result.to_json(), default=str)))
+        if result.outcome is Outcome.FAILED:
+            raise CheckFailed(result)
+        if result.outcome is Outcome.INCONCLUSIVE:
+            if self.state.inconclusive_blocks():
+                raise CheckFailed(result)
+            pytest.skip(f"inconclusive: {result.message}")
+        if result.outcome is Outcome.SKIPPED:
+            pytest.skip(result.message)
+        if result.outcome is Outcome.WARNING:
+            warnings.warn(MergeHarnessWarning(f"{self.check.id}: {result.message}"), stacklevel=1)
+
+    def repr_failure(
+        self,
+        excinfo: pytest.ExceptionInfo[BaseException],
+        style: Any = None,
+    ) -> str:
+        """The one-line cause and the few figures that matter; no traceback."""
+        if isinstance(excinfo.value, CheckFailed):
+            result = excinfo.value.result
+            lines = [result.message, *("  " + d for d in result.details)]
+            trace = result.metrics.get("traceback")
+            if trace and self.config.getoption("fulltrace", False):
+                lines.append(str(trace))
+            return "\n".join(lines)
+        return str(super().repr_failure(excinfo, style=style))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        """Where the item comes from: the merged checkpoint, named by its check id."""
+        return self.path, None, self.check.id

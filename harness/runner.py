@@ -1,0 +1,62 @@
+"""Run one check to a :class:`CheckResult`: errors become failed checks, hangs become timeouts."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+from harness.context import Context
+from harness.errors import HarnessError
+from harness.result import Check, CheckResult, Outcome
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def run_check(check: Check, ctx: Context, timeout: float | None = None) -> CheckResult:
+    """Run ``check`` and always return a result, never raise (KeyboardInterrupt excepted).
+
+    A :class:`HarnessError` (bad input) is a failed check with its one-line cause. Any other
+    exception is a failed check named as an internal error, with the traceback kept in
+    ``metrics['traceback']`` for ``--full-trace``. With ``timeout``, a check still running after that many seconds
+    is failed as hung (its thread is abandoned: Python cannot kill it).
+    """
+    started = time.perf_counter()
+    if timeout is None:
+        result = _guarded(check, ctx)
+    else:
+        box: list[CheckResult] = []
+        thread = threading.Thread(
+            target=lambda: box.append(_guarded(check, ctx)), name=f"check {check.id}", daemon=True
+        )
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive() or not box:
+            result = CheckResult.failed(
+                f"timed out after {timeout:g} s (raise --merge-timeout if the inputs are large)"
+            )
+        else:
+            result = box[0]
+    result.metrics.setdefault("seconds", round(time.perf_counter() - started, 4))
+    return result
+
+
+def _guarded(check: Check, ctx: Context) -> CheckResult:
+    try:
+        result = check.run(ctx)
+    except HarnessError as exc:
+        return CheckResult.failed(_one_line(str(exc)) or type(exc).__name__)
+    except (MemoryError, RecursionError) as exc:
+        return CheckResult.failed(f"ran out of resources: {type(exc).__name__}")
+    except Exception as exc:
+        return CheckResult(
+            Outcome.FAILED,
+            f"internal error in {check.id}: {type(exc).__name__}: {_one_line(str(exc))}",
+            metrics={"traceback": "".join(traceback.format_exception(exc))},
+        )
+    if not isinstance(result, CheckResult):
+        return CheckResult.failed(f"internal error: {check.id} returned {type(result).__name__}")
+    return result

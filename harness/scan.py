@@ -1,0 +1,107 @@
+"""One streamed pass over a checkpoint: canonical digests and non-finite counts together.
+
+Each tensor's bytes are read once, in file order, by a reader thread that stays one tensor ahead
+(file reads and sha256 release the GIL, and so does torch), then hashed and checked for NaN/Inf
+while the next one is read. At most two tensors are held at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from harness.checkpoint import Checkpoint, TensorInfo, tensor_from_bytes
+from harness.dtypes import FLOATING
+from harness.hashing import Manifest, combine, hash_tensor_stream
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a tensor holds NaN or Inf: counts and the first bad flat index and value."""
+
+    nan: int
+    inf: int
+    first_index: int
+    first_value: float
+
+
+@dataclass
+class ScanResult:
+    """Per-tensor digests, the canonical digest, and the tensors that are not finite."""
+
+    manifest: Manifest
+    nonfinite: dict[str, NonFinite] = field(default_factory=dict)
+
+
+def prefetch(
+    checkpoint: Checkpoint, order: list[TensorInfo] | None = None, depth: int = 2
+) -> Iterator[tuple[TensorInfo, bytearray]]:
+    """Yield (info, bytes) in file order while a thread reads up to ``depth`` tensors ahead."""
+    items = order if order is not None else checkpoint.in_file_order()
+    slots: queue.Queue[tuple[TensorInfo, bytearray] | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for info in items:
+                if stop.is_set():
+                    return
+                slots.put((info, checkpoint.read_bytes(info.name)))
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            slots.put(exc)
+            return
+        slots.put(None)
+
+    thread = threading.Thread(target=read, name="merge-harness-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def find_nonfinite(info: TensorInfo, data: bytearray) -> NonFinite | None:
+    """NaN/Inf statistics of one floating tensor, or None when every element is finite."""
+    if info.dtype not in FLOATING or info.numel == 0:
+        return None
+    import torch
+
+    tensor = tensor_from_bytes(info, data).reshape(-1)
+    if info.dtype.startswith("F8"):
+        tensor = tensor.float()
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return None
+    first = int(bad.nonzero()[0, 0])
+    nan = int(torch.isnan(tensor).sum())
+    return NonFinite(nan, int(bad.sum()) - nan, first, float(tensor[first]))
+
+
+def scan_checkpoint(
+    checkpoint: Checkpoint,
+    visit: Callable[[TensorInfo, bytearray], None] | None = None,
+) -> ScanResult:
+    """Stream a checkpoint once: digest and finite-check every tensor, then call ``visit``."""
+    digests: dict[str, str] = {}
+    nonfinite: dict[str, NonFinite] = {}
+    for info, data in prefetch(checkpoint):
+        digests[info.name] = hash_tensor_stream(info, data)
+        found = find_nonfinite(info, data)
+        if found is not None:
+            nonfinite[info.name] = found
+        if visit is not None:
+            visit(info, data)
+    return ScanResult(Manifest(combine(digests), digests, {}), nonfinite)
