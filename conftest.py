@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 
 # pytester's in-process runs evict modules imported during the run; importing torch (and the
-# model libraries) here keeps one copy for the whole session.
-import torch  # noqa: F401
+# model libraries, and torch._dynamo which transformers pulls in lazily and which registers
+# native operator libraries that cannot be registered twice) here keeps one copy for the session.
+import peft  # noqa: F401
+import safetensors.torch  # noqa: F401
+import torch
+import torch._dynamo  # noqa: F401
+import transformers  # noqa: F401
 from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["pytester"]
@@ -28,4 +33,8 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "merge-harness-ci" if os.environ.get("CI") else "merge-harness-dev"))
+settings.load_profile(
+    os.environ.get(
+        "HYPOTHESIS_PROFILE", "merge-harness-ci" if os.environ.get("CI") else "merge-harness-dev"
+    )
+)

@@ -23,7 +23,7 @@ def check_differs_from_base(ctx: Context) -> CheckResult:
         return CheckResult.failed(
             "merged weights are identical to the base: the adapter was not applied (or is all"
             f" zeros); digest {merged.digest[:16]}",
-            **figures,
+            metrics=figures,
         )
     changed = merged.changed_tensors(base)
     return CheckResult.passed(

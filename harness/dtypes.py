@@ -30,7 +30,14 @@ ITEMSIZE: dict[str, int] = {
 FLOATING = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
 #: Explicit mantissa bits (without the implicit one) and the smallest normal exponent.
-MANTISSA_BITS: dict[str, int] = {"F8_E4M3": 3, "F8_E5M2": 2, "F16": 10, "BF16": 7, "F32": 23, "F64": 52}
+MANTISSA_BITS: dict[str, int] = {
+    "F8_E4M3": 3,
+    "F8_E5M2": 2,
+    "F16": 10,
+    "BF16": 7,
+    "F32": 23,
+    "F64": 52,
+}
 MIN_EXPONENT: dict[str, int] = {
     "F8_E4M3": -6,
     "F8_E5M2": -14,

@@ -46,9 +46,16 @@ class CheckResult:
         return cls(Outcome.PASSED, message, metrics=dict(metrics))
 
     @classmethod
-    def failed(cls, message: str, details: list[str] | None = None, **metrics: Any) -> CheckResult:
+    def failed(
+        cls,
+        message: str,
+        details: list[str] | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        **more: Any,
+    ) -> CheckResult:
         """A failing result: ``message`` is the one-line cause, ``details`` the figures."""
-        return cls(Outcome.FAILED, message, list(details or []), dict(metrics))
+        return cls(Outcome.FAILED, message, list(details or []), {**(metrics or {}), **more})
 
     @classmethod
     def skipped(cls, message: str) -> CheckResult:

@@ -48,7 +48,12 @@ CONFIG_ALLOWED = frozenset(
         "return_dict",
     }
 )
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+INPUT_EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+)
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight")
 #: transformers' PretrainedConfig default when ``tie_word_embeddings`` is absent.
 TIE_DEFAULT = True
@@ -238,7 +243,9 @@ def check_size_invariant(ctx: Context) -> CheckResult:
     merged, base = pair
     extra = allowed_extra(merged, base)
     merged_data = merged.data_bytes - sum(merged.tensors[n].nbytes for n in extra)
-    headers = sum(8 + f.header_size for f in merged.files) + sum(8 + f.header_size for f in base.files)
+    headers = sum(8 + f.header_size for f in merged.files) + sum(
+        8 + f.header_size for f in base.files
+    )
     diff = merged.file_bytes - base.file_bytes
     figures = dict(
         merged_bytes=merged.file_bytes,
@@ -252,11 +259,9 @@ def check_size_invariant(ctx: Context) -> CheckResult:
         return CheckResult.failed(
             f"merged tensor data is {_human(merged_data)}, the base's {_human(base.data_bytes)}"
             f" ({ratio:.2f}x): a merge must not change the size of the weights",
-            **figures,
+            metrics=figures,
         )
-    untied = (
-        f" plus an untied head of {_human(merged.data_bytes - merged_data)}" if extra else ""
-    )
+    untied = f" plus an untied head of {_human(merged.data_bytes - merged_data)}" if extra else ""
     return CheckResult.passed(
         f"same size as the base: {_human(merged_data)} of tensors{untied}, files differ by"
         f" {diff:+} header bytes. Expected: a LoRA merge adds scale*B@A into existing weights",

@@ -14,8 +14,12 @@ GROUP = "merge-harness"
 #: (flag, ini key or None, argparse keywords, help)
 _PATH_OPTIONS = [
     ("--merged-model", "merged_model", "the merged checkpoint folder to verify"),
-    ("--base-model", "base_model", "the base checkpoint folder (default: the adapter's"
-     " base_model_name_or_path when it is a local folder)"),
+    (
+        "--base-model",
+        "base_model",
+        "the base checkpoint folder (default: the adapter's"
+        " base_model_name_or_path when it is a local folder)",
+    ),
     ("--adapter", "adapter", "the PEFT adapter folder that was merged"),
 ]
 
@@ -27,57 +31,99 @@ def add_options(parser: pytest.Parser) -> None:
         group.addoption(flag, dest=ini, metavar="PATH", default=None, help=text)
         parser.addini(ini, f"{text} (relative to the ini file)", type="string", default="")
     group.addoption(
-        "--merge-ulp", dest="merge_ulp", type=float, default=None, metavar="K",
+        "--merge-ulp",
+        dest="merge_ulp",
+        type=float,
+        default=None,
+        metavar="K",
         help="allowed rounding error of targeted tensors in ULPs of the stored dtype (default 1)",
     )
     group.addoption(
-        "--merge-allow-pickle", dest="merge_allow_pickle", action="store_true", default=False,
+        "--merge-allow-pickle",
+        dest="merge_allow_pickle",
+        action="store_true",
+        default=False,
         help="read pickle .bin checkpoints (with torch.load(weights_only=True) only)",
     )
     group.addoption(
-        "--merge-trust-remote-code", dest="merge_trust_remote_code", action="store_true",
-        default=False, help="allow configs with auto_map custom code (off: such configs are refused)",
+        "--merge-trust-remote-code",
+        dest="merge_trust_remote_code",
+        action="store_true",
+        default=False,
+        help="allow configs with auto_map custom code (off: such configs are refused)",
     )
     group.addoption(
-        "--merge-device", dest="merge_device", default=None, metavar="DEVICE",
+        "--merge-device",
+        dest="merge_device",
+        default=None,
+        metavar="DEVICE",
         help="device for forward passes: cpu (default), cuda, cuda:1",
     )
     group.addoption(
-        "--merge-dtype", dest="merge_dtype", default=None, metavar="DTYPE",
+        "--merge-dtype",
+        dest="merge_dtype",
+        default=None,
+        metavar="DTYPE",
         help="dtype for the forward-pass comparison (default: the checkpoint's)",
     )
     group.addoption(
-        "--merge-examples", dest="merge_examples", type=int, default=None, metavar="N",
+        "--merge-examples",
+        dest="merge_examples",
+        type=int,
+        default=None,
+        metavar="N",
         help="hypothesis examples per behaviour property (default 20)",
     )
     group.addoption(
-        "--merge-timeout", dest="merge_timeout", type=float, default=None, metavar="SECONDS",
+        "--merge-timeout",
+        dest="merge_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
         help="fail a check that runs longer than this (default: no limit)",
     )
     group.addoption(
-        "--merge-checks", dest="merge_checks", default=None, metavar="FAMILIES",
+        "--merge-checks",
+        dest="merge_checks",
+        default=None,
+        metavar="FAMILIES",
         help="comma-separated families to run: structure,weights,hash,behaviour,benchmark",
     )
     group.addoption(
-        "--merge-config", dest="merge_config", default=None, metavar="FILE",
+        "--merge-config",
+        dest="merge_config",
+        default=None,
+        metavar="FILE",
         help="gate configuration (default: [tool.merge-harness] in pyproject.toml, or"
         " merge-harness.toml)",
     )
     group.addoption(
-        "--merge-lock", dest="merge_lock", default=None, metavar="FILE",
+        "--merge-lock",
+        dest="merge_lock",
+        default=None,
+        metavar="FILE",
         help="lock file of approved digests and results (default: merge-harness.lock beside the"
         " config)",
     )
     group.addoption(
-        "--update-merge-lock", dest="update_merge_lock", action="store_true", default=False,
+        "--update-merge-lock",
+        dest="update_merge_lock",
+        action="store_true",
+        default=False,
         help="record the digests and benchmark results of this run in the lock file",
     )
     group.addoption(
-        "--merge-report", dest="merge_report", default=None, metavar="PATH",
+        "--merge-report",
+        dest="merge_report",
+        default=None,
+        metavar="PATH",
         help="write a JSON report of every check",
     )
     group.addoption(
-        "--merge-summary", dest="merge_summary", default=None, metavar="PATH",
+        "--merge-summary",
+        dest="merge_summary",
+        default=None,
+        metavar="PATH",
         help="write a GitHub-flavoured markdown summary (for $GITHUB_STEP_SUMMARY)",
     )
 
@@ -108,8 +154,11 @@ def read_options(config: pytest.Config) -> Options:
         trust_remote_code=bool(config.getoption("merge_trust_remote_code")),
         update_lock=bool(config.getoption("update_merge_lock")),
     )
-    for label, path in (("--merged-model", options.merged), ("--base-model", options.base),
-                        ("--adapter", options.adapter)):
+    for label, path in (
+        ("--merged-model", options.merged),
+        ("--base-model", options.base),
+        ("--adapter", options.adapter),
+    ):
         if path is not None and not path.exists():
             raise pytest.UsageError(f"{label} {path}: no such file or folder")
     ulp = config.getoption("merge_ulp")
@@ -150,8 +199,12 @@ def read_options(config: pytest.Config) -> Options:
                 f" {', '.join(unknown)} (known: {', '.join(FAMILIES)})"
             )
         options.families = chosen
-    for dest, attr in (("merge_config", "config_path"), ("merge_lock", "lock_path"),
-                       ("merge_report", "report_path"), ("merge_summary", "summary_path")):
+    for dest, attr in (
+        ("merge_config", "config_path"),
+        ("merge_lock", "lock_path"),
+        ("merge_report", "report_path"),
+        ("merge_summary", "summary_path"),
+    ):
         value = config.getoption(dest)
         if value:
             setattr(options, attr, Path(value).expanduser().absolute())

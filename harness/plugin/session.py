@@ -36,9 +36,9 @@ class HarnessSession:
         """Append one item per built-in check, before ``-k``/``-m`` deselection sees them."""
         merged = self.state.options.merged
         if merged is not None:
-            suite = MergeSuite.from_parent(session, name="merge", path=merged)
+            suite = MergeSuite.from_parent(session, name="merge", nodeid="merge", path=merged)
         else:
-            suite = MergeSuite.from_parent(session, name="merge")
+            suite = MergeSuite.from_parent(session, name="merge", nodeid="merge")
         generated: list[pytest.Item] = [
             CheckItem.from_parent(
                 suite, name=f"{check.family}::{check.name}", check=check, state=self.state
@@ -59,7 +59,7 @@ class HarnessSession:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The merge-harness section: each check, the digests and the size comparison."""
-        if self.is_worker:
+        if self.is_worker or not (self.state.results or self.state.gate_lines):
             return
         from harness.report import summary_lines
 

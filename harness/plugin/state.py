@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import pytest
 
 from harness.context import Context, Options
 from harness.result import Check, CheckResult
+
 
 @dataclass
 class State:

@@ -1,0 +1,44 @@
+"""Shared fixtures of the harness's own tests: tiny real merges built once per session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.tiny import build_adapter, build_base, peft_merge
+
+
+@dataclass(frozen=True)
+class TinyMerge:
+    """Paths of a tiny base, its adapter and peft's merge of the two."""
+
+    base: Path
+    adapter: Path
+    merged: Path
+
+
+def _build(root: Path, dtype: str, shard: str | None = None) -> TinyMerge:
+    base = build_base(root / "base", dtype=dtype, max_shard_size=shard)
+    adapter = build_adapter(base, root / "adapter")
+    merged = peft_merge(base, adapter, root / "merged", max_shard_size=shard)
+    return TinyMerge(base, adapter, merged)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
+    """A correct peft merge of a tiny fp32 Llama (single-file checkpoints)."""
+    return _build(tmp_path_factory.mktemp("llama-f32"), "F32")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
+    """A correct peft merge of a tiny bf16 Llama (single-file checkpoints)."""
+    return _build(tmp_path_factory.mktemp("llama-bf16"), "BF16")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
+    """A correct peft merge of a tiny bf16 Llama, base and merge saved in several shards."""
+    return _build(tmp_path_factory.mktemp("llama-sharded"), "BF16", shard="20KB")
