@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +71,12 @@ class SafetensorsFile:
     tensors: dict[str, TensorInfo]
 
 
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception's text, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -81,6 +90,54 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _allowed_area(folder: Path) -> list[Path]:
+    """Where files of ``folder`` may live once symlinks are resolved.
+
+    The folder itself and, for a Hugging Face cache snapshot (``.../snapshots/<rev>/``, whose
+    files are symlinks into the repository's ``blobs/``), that sibling ``blobs`` folder.
+    """
+    home = folder.resolve()
+    areas = [home]
+    if home.parent.name == "snapshots":
+        areas.append(home.parent.parent / "blobs")
+    return areas
+
+
+def resolves_inside(folder: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` resolves inside ``folder`` (or its HF cache blobs)."""
+    target = candidate.resolve()
+    for area in _allowed_area(folder):
+        try:
+            target.relative_to(area)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
+def check_regular_file(path: Path) -> int:
+    """Refuse anything but a regular file inside its own folder; return its size in bytes.
+
+    A named pipe or a device would block or never end, and a symlink leaving the folder would
+    read files the checkpoint has no business naming (``model.safetensors -> ~/.ssh/id_rsa``).
+    """
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an embedded NUL byte in a name
+        raise CheckpointError(f"{path!r}: invalid file name: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe, socket or device"
+        raise CheckpointError(f"{path}: not a regular file ({kind})")
+    if path.is_symlink() and not resolves_inside(path.parent, path):
+        raise CheckpointError(
+            f"{path}: symlink resolves outside its folder (to {path.resolve()}); refusing to"
+            " read it"
+        )
+    return info.st_size
+
+
 def read_header(path: Path) -> SafetensorsFile:
     """Parse and validate the header of one safetensors file without reading tensor data.
 
@@ -88,32 +145,36 @@ def read_header(path: Path) -> SafetensorsFile:
     its declared header, an absurd header length, malformed JSON, an unknown dtype, a shape whose
     size disagrees with its byte range, overlapping ranges, holes, or data past the end.
     """
+    size = check_regular_file(path)
     try:
-        size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes)")
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
             (header_size,) = struct.unpack("<Q", prefix)
+            # Both limits are checked before the header is read: a hostile length allocates
+            # nothing.
             if header_size > MAX_HEADER_BYTES:
                 raise CheckpointError(
-                    f"{path.name}: header length {header_size} exceeds the {MAX_HEADER_BYTES}"
+                    f"{path}: header length {header_size} exceeds the {MAX_HEADER_BYTES}"
                     " byte limit (not a safetensors file, or hostile)"
                 )
             if 8 + header_size > size:
                 raise CheckpointError(
-                    f"{path.name}: truncated: header declares {header_size} bytes but the file"
+                    f"{path}: truncated: header declares {header_size} bytes but the file"
                     f" has {size} bytes"
                 )
             raw = handle.read(header_size)
     except OSError as exc:
-        raise CheckpointError(f"{path.name}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) != header_size:
+        raise CheckpointError(f"{path}: truncated while reading the header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path.name}: malformed safetensors header: {exc}") from None
+        raise CheckpointError(f"{path}: malformed safetensors header: {_one_line(exc)}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: malformed safetensors header: not a JSON object")
+        raise CheckpointError(f"{path}: malformed safetensors header: not a JSON object")
 
     data_start = 8 + header_size
     data_size = size - data_start
@@ -124,7 +185,7 @@ def read_header(path: Path) -> SafetensorsFile:
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
-                raise CheckpointError(f"{path.name}: __metadata__ must map strings to strings")
+                raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
             metadata = dict(entry)
             continue
         tensors[name] = _tensor_info(path, name, entry, data_start)
@@ -133,25 +194,25 @@ def read_header(path: Path) -> SafetensorsFile:
     cursor = 0
     for begin, end, name in ranges:
         if begin < cursor:
-            raise CheckpointError(f"{path.name}: tensor {name!r} overlaps the previous tensor")
+            raise CheckpointError(f"{path}: tensor {name!r} overlaps the previous tensor")
         if begin > cursor:
-            raise CheckpointError(f"{path.name}: {begin - cursor} unaccounted bytes before {name!r}")
+            raise CheckpointError(f"{path}: {begin - cursor} unaccounted bytes before {name!r}")
         cursor = end
     if cursor > data_size:
         last = ranges[-1][2]
         raise CheckpointError(
-            f"{path.name}: truncated: tensor {last!r} ends at data byte {cursor} but the file"
+            f"{path}: truncated: tensor {last!r} ends at data byte {cursor} but the file"
             f" holds {data_size} data bytes"
         )
     if cursor < data_size:
         raise CheckpointError(
-            f"{path.name}: {data_size - cursor} trailing bytes after the last tensor"
+            f"{path}: {data_size - cursor} trailing bytes after the last tensor"
         )
     return SafetensorsFile(path, size, header_size, metadata, tensors)
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    where = f"{path.name}: tensor {name!r}"
+    where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry is not an object")
     dtype = entry.get("dtype")
@@ -181,25 +242,67 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
 
 def read_json(path: Path) -> Any:
     """Load a small JSON side file, turning every failure into a one-line CheckpointError."""
+    size = check_regular_file(path)
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes is too large for a JSON side file")
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path.name}: {size} bytes is too large for a JSON side file")
         return json.loads(path.read_bytes().decode("utf-8"))
-    except CheckpointError:
-        raise
     except OSError as exc:
-        raise CheckpointError(f"{path.name}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path.name}: malformed JSON: {exc}") from None
+        raise CheckpointError(f"{path}: malformed JSON: {_one_line(exc)}") from None
 
 
-def _inside(folder: Path, candidate: Path) -> bool:
+def _bad_shard_name(shard: str) -> bool:
+    """A weight_map value that is not a plain file name of this folder (``../x``, ``/x``, NUL)."""
+    return (
+        os.path.isabs(shard)
+        or any(c in shard for c in "/\\\0")
+        or shard in ("", ".", "..")
+        or not shard.endswith(".safetensors")
+    )
+
+
+def _pickle_cause(error: BaseException) -> str:
+    """The informative line of a ``torch.load(weights_only=True)`` refusal.
+
+    torch's message opens with generic advice (including "re-run with weights_only=False", which
+    is exactly what a user must not do with an untrusted file); the cause follows
+    ``WeightsUnpickler error:``.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+        if rest:
+            return rest[0].split(". Please use", 1)[0].rstrip(".")
+    return _one_line(error)
+
+
+def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
+    """Load a pickle state dict with ``torch.load(weights_only=True)`` only; never execute it.
+
+    Only called after the user opted in (``--merge-allow-pickle``). A pickle that names any
+    global outside torch's tensor allow-list is refused by torch's restricted unpickler before
+    anything is called; the refusal becomes a one-line :class:`CheckpointError`.
+    """
+    import torch
+
+    check_regular_file(path)
     try:
-        candidate.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
+        # mmap keeps memory flat for zip-format files; the legacy format cannot be mapped.
+        loaded = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as exc:  # weights_only raises many types for hostile or broken pickles
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): {_pickle_cause(exc)}"
+        ) from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(f"{path}: not a flat state dict of tensors")
+    return loaded
 
 
 @dataclass
@@ -217,14 +320,21 @@ class Checkpoint:
     def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
         """Open and validate a checkpoint folder; raise :class:`CheckpointError` if invalid."""
         root = Path(path)
+        try:
+            return cls._open(root, allow_pickle)
+        except OSError as exc:  # a folder that cannot be listed, a file that vanished
+            raise CheckpointError(f"{root}: cannot read: {exc.strerror or exc}") from None
+
+    @classmethod
+    def _open(cls, root: Path, allow_pickle: bool) -> Checkpoint:
         if not root.exists():
             raise CheckpointError(f"{root}: no such checkpoint folder")
         if not root.is_dir():
             raise CheckpointError(f"{root}: expected a checkpoint folder, found a file")
         config = cls._read_config(root)
         index_path = root / INDEX_FILE
-        present = sorted(p for p in root.glob("*.safetensors") if p.is_file() or p.is_symlink())
-        if index_path.exists():
+        present = sorted(root.glob("*.safetensors"))
+        if index_path.exists() or index_path.is_symlink():
             files, index = cls._open_sharded(root, index_path, present)
         elif present:
             if len(present) > 1 or present[0].name != SINGLE_FILE:
@@ -234,7 +344,6 @@ class Checkpoint:
                     if len(present) > 1
                     else f"{root}: expected {SINGLE_FILE} or an index, found {names}"
                 )
-            cls._check_inside(root, present[0])
             files, index = [read_header(present[0])], None
         else:
             return cls._open_pickle(root, config, allow_pickle)
@@ -248,23 +357,18 @@ class Checkpoint:
                     )
                 tensors[name] = info
         if index is not None:
-            cls._check_index(root, index, tensors)
+            cls._check_index(index_path, index, tensors)
         return cls(root, files, tensors, index, config)
 
     @staticmethod
     def _read_config(root: Path) -> dict[str, Any] | None:
         path = root / "config.json"
-        if not path.exists():
+        if not (path.exists() or path.is_symlink()):
             return None
         config = read_json(path)
         if not isinstance(config, dict):
-            raise CheckpointError(f"{path}: config.json is not a JSON object")
+            raise CheckpointError(f"{path}: not a JSON object")
         return config
-
-    @staticmethod
-    def _check_inside(root: Path, path: Path) -> None:
-        if not _inside(root, path):
-            raise CheckpointError(f"{root}: {path.name} resolves outside the checkpoint folder")
 
     @classmethod
     def _open_sharded(
@@ -275,43 +379,46 @@ class Checkpoint:
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise CheckpointError(f"{INDEX_FILE}: missing or malformed weight_map")
+            raise CheckpointError(f"{index_path}: missing or malformed weight_map")
+        assert isinstance(index, dict)
         shard_names = sorted(set(weight_map.values()))
         files: list[SafetensorsFile] = []
         for shard in shard_names:
-            if os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            if _bad_shard_name(shard):
                 raise CheckpointError(
-                    f"{INDEX_FILE}: shard {shard!r} is not a file name inside the folder"
+                    f"{index_path}: shard {shard!r} is not a .safetensors file name inside the"
+                    " folder"
                 )
             shard_path = root / shard
-            if not shard_path.exists():
-                raise CheckpointError(f"{INDEX_FILE}: lists shard {shard} which does not exist")
-            cls._check_inside(root, shard_path)
+            if not (shard_path.exists() or shard_path.is_symlink()):
+                raise CheckpointError(f"{index_path}: lists shard {shard} which does not exist")
             files.append(read_header(shard_path))
         stale = sorted({p.name for p in present} - set(shard_names))
         if stale:
             raise CheckpointError(
-                f"{INDEX_FILE}: shard file(s) {', '.join(stale)} present but not in the index"
+                f"{index_path}: shard file(s) {', '.join(stale)} present but not in the index"
                 " (stale shards from an earlier save?)"
             )
         return files, index
 
     @staticmethod
-    def _check_index(root: Path, index: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    def _check_index(
+        index_path: Path, index: dict[str, Any], tensors: dict[str, TensorInfo]
+    ) -> None:
         weight_map: dict[str, str] = index["weight_map"]
         for name, shard in sorted(weight_map.items()):
             info = tensors.get(name)
             if info is None:
-                raise CheckpointError(f"{INDEX_FILE}: tensor {name!r} is not in shard {shard}")
+                raise CheckpointError(f"{index_path}: tensor {name!r} is not in shard {shard}")
             if info.file.name != shard:
                 raise CheckpointError(
-                    f"{INDEX_FILE}: tensor {name!r} is mapped to {shard} but stored in"
+                    f"{index_path}: tensor {name!r} is mapped to {shard} but stored in"
                     f" {info.file.name}"
                 )
         unlisted = sorted(set(tensors) - set(weight_map))
         if unlisted:
             raise CheckpointError(
-                f"{INDEX_FILE}: {len(unlisted)} tensor(s) stored but not in the index,"
+                f"{index_path}: {len(unlisted)} tensor(s) stored but not in the index,"
                 f" first {unlisted[0]!r}"
             )
         metadata = index.get("metadata")
@@ -320,14 +427,14 @@ class Checkpoint:
             data = sum(t.nbytes for t in tensors.values())
             if not _is_int(total) or total != data:
                 raise CheckpointError(
-                    f"{INDEX_FILE}: total_size {total} but the shards hold {data} tensor bytes"
+                    f"{index_path}: total_size {total!r} but the shards hold {data} tensor bytes"
                 )
 
     @classmethod
     def _open_pickle(
         cls, root: Path, config: dict[str, Any] | None, allow_pickle: bool
     ) -> Checkpoint:
-        pickles = [root / n for n in PICKLE_NAMES if (root / n).is_file()]
+        pickles = [root / n for n in PICKLE_NAMES if (root / n).exists()]
         pickles += sorted(root.glob("pytorch_model-*.bin"))
         if not pickles:
             raise CheckpointError(f"{root}: no model.safetensors, index or shards in this folder")
@@ -337,28 +444,22 @@ class Checkpoint:
                 " refusing to unpickle. Save with safetensors, or pass --merge-allow-pickle"
                 " (loads with weights_only=True)"
             )
-        import torch
+        from harness.dtypes import from_torch
 
         state: dict[str, torch.Tensor] = {}
         for path in pickles:
+            state.update(load_pickle_state(path))
+        tensors: dict[str, TensorInfo] = {}
+        for name, t in state.items():
             try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # weights_only raises many types for hostile pickles
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CheckpointError(f"{path.name}: refused by weights_only loading: {first}") from None
-            if not isinstance(loaded, dict) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-            ):
-                raise CheckpointError(f"{path.name}: not a flat state dict of tensors")
-            state.update(loaded)
-        from harness.dtypes import from_torch
-
-        tensors = {
-            name: TensorInfo(
-                name, from_torch(t.dtype), tuple(t.shape), root, 0, t.numel() * t.element_size()
+                code = from_torch(t.dtype)
+            except KeyError:
+                raise CheckpointError(
+                    f"{root}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold"
+                ) from None
+            tensors[name] = TensorInfo(
+                name, code, tuple(t.shape), root, 0, t.numel() * t.element_size()
             )
-            for name, t in state.items()
-        }
         return cls(root, [], tensors, None, config, state)
 
     # ---- access -------------------------------------------------------------------------
@@ -407,14 +508,17 @@ class Checkpoint:
                         break
                     got += n
         except OSError as exc:
-            raise CheckpointError(f"{info.file.name}: cannot read {name!r}: {exc}") from None
+            raise CheckpointError(
+                f"{info.file}: cannot read {name!r}: {exc.strerror or exc}"
+            ) from None
         if got != info.nbytes:
-            raise CheckpointError(f"{info.file.name}: truncated while reading {name!r}")
+            raise CheckpointError(f"{info.file}: truncated while reading {name!r}")
         return buffer
 
     def tensor(self, name: str, buffer: bytearray | None = None) -> torch.Tensor:
         """One tensor as a CPU torch tensor, from ``buffer`` when the bytes are already read."""
-        return tensor_from_bytes(self.tensors[name], self.read_bytes(name) if buffer is None else buffer)
+        data = self.read_bytes(name) if buffer is None else buffer
+        return tensor_from_bytes(self.tensors[name], data)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, bytearray]]:
         """Yield (info, raw bytes) in file order, holding one tensor at a time."""
@@ -426,7 +530,14 @@ def tensor_from_bytes(info: TensorInfo, buffer: bytearray) -> torch.Tensor:
     """View raw safetensors bytes as a torch tensor of the recorded dtype and shape."""
     import torch
 
-    dtype = to_torch(info.dtype)
+    try:
+        dtype = to_torch(info.dtype)
+    except KeyError as exc:
+        raise CheckpointError(f"{info.file}: tensor {info.name!r}: {exc.args[0]}") from None
+    if len(buffer) != info.nbytes:
+        raise CheckpointError(
+            f"{info.file}: tensor {info.name!r}: {len(buffer)} bytes given, {info.nbytes} needed"
+        )
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dtype)
     # (nbytes,) uint8 -> (numel,) dtype -> shape; shares memory with the buffer, no copy.

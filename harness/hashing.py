@@ -1,4 +1,4 @@
-"""Canonical content digests: independent of shard layout, tensor order and file metadata.
+r"""Canonical content digests: independent of shard layout, tensor order and file metadata.
 
 Per tensor: ``sha256(b"merge-harness/tensor/v1\\0" + name + b"\\0" + dtype + b"\\0" + shape + b"\\0"
 + raw little-endian bytes)``, where shape is the decimal dimensions joined by ``,``. The checkpoint
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.checkpoint import Checkpoint, TensorInfo
+from harness.checkpoint import Checkpoint, TensorInfo, check_regular_file, resolves_inside
+from harness.errors import CheckpointError
 
 DOMAIN = b"merge-harness/tensor/v1\0"
 #: Files are hashed in blocks of this many bytes so memory stays flat.
@@ -31,11 +33,13 @@ def tensor_digest_start(name: str, dtype: str, shape: Iterable[int]) -> Any:
     return digest
 
 
-def tensor_digest(name: str, dtype: str, shape: Iterable[int], data: bytes | bytearray | memoryview) -> str:
+def tensor_digest(
+    name: str, dtype: str, shape: Iterable[int], data: bytes | bytearray | memoryview
+) -> str:
     """The canonical hex digest of one tensor from its raw bytes."""
     digest = tensor_digest_start(name, dtype, shape)
     digest.update(data)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def combine(digests: Mapping[str, str]) -> str:
@@ -98,9 +102,7 @@ def hash_checkpoint(checkpoint: Checkpoint, *, with_files: bool = True) -> Manif
                 while remaining:
                     block = handle.read(min(BLOCK, remaining))
                     if not block:
-                        from harness.errors import CheckpointError
-
-                        raise CheckpointError(f"{sfile.path.name}: truncated inside {info.name!r}")
+                        raise CheckpointError(f"{sfile.path}: truncated inside {info.name!r}")
                     part.update(block)
                     whole.update(block)
                     remaining -= len(block)
@@ -111,7 +113,8 @@ def hash_checkpoint(checkpoint: Checkpoint, *, with_files: bool = True) -> Manif
 
 
 def hash_file(path: Path) -> str:
-    """Plain sha256 of a file, read in blocks."""
+    """Plain sha256 of a regular file, read in blocks (a pipe or device is refused)."""
+    check_regular_file(path)
     digest = hashlib.sha256()
     with path.open("rb", buffering=0) as handle:
         while block := handle.read(BLOCK):
@@ -123,11 +126,20 @@ def hash_folder(path: Path) -> str:
     """A digest over every regular file in a folder (relative name and sha256), for adapters.
 
     Used where a folder is not a model checkpoint (an adapter, a task folder): any byte change in
-    any file changes it.
+    any file changes it. Symlinked folders are not followed (no loops); a symlinked file must
+    stay inside the folder, and anything but a regular file is refused.
     """
+    files: list[tuple[str, Path]] = []
+    for top, dirs, names in os.walk(path, followlinks=False):
+        folder = Path(top)
+        for name in dirs:
+            if (folder / name).is_symlink():
+                raise CheckpointError(f"{folder / name}: symlinked folder; refusing to follow it")
+        files += [((folder / n).relative_to(path).as_posix(), folder / n) for n in names]
     outer = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
+    for rel, file in sorted(files):
+        if file.is_symlink() and not resolves_inside(path, file):
+            raise CheckpointError(f"{file}: symlink resolves outside {path}; refusing to read it")
         outer.update(f"{rel}\t{hash_file(file)}\n".encode())
     return outer.hexdigest()
 

@@ -21,19 +21,28 @@ def run_check(check: Check, ctx: Context, timeout: float | None = None) -> Check
 
     A :class:`HarnessError` (bad input) is a failed check with its one-line cause. Any other
     exception is a failed check named as an internal error, with the traceback kept in
-    ``metrics['traceback']`` for ``--full-trace``. With ``timeout``, a check still running after that many seconds
-    is failed as hung (its thread is abandoned: Python cannot kill it).
+    ``metrics['traceback']`` for ``--full-trace``. With ``timeout``, a check still running after
+    that many seconds is failed as hung (its thread is abandoned: Python cannot kill it). A
+    KeyboardInterrupt, whether pressed or raised by the check, still interrupts the run.
     """
     started = time.perf_counter()
     if timeout is None:
         result = _guarded(check, ctx)
     else:
         box: list[CheckResult] = []
-        thread = threading.Thread(
-            target=lambda: box.append(_guarded(check, ctx)), name=f"check {check.id}", daemon=True
-        )
+        escaped: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                box.append(_guarded(check, ctx))
+            except BaseException as exc:  # re-raised in the caller's thread below
+                escaped.append(exc)
+
+        thread = threading.Thread(target=target, name=f"check {check.id}", daemon=True)
         thread.start()
         thread.join(timeout)
+        if escaped:
+            raise escaped[0]
         if thread.is_alive() or not box:
             result = CheckResult.failed(
                 f"timed out after {timeout:g} s (raise --merge-timeout if the inputs are large)"
@@ -51,6 +60,12 @@ def _guarded(check: Check, ctx: Context) -> CheckResult:
         return CheckResult.failed(_one_line(str(exc)) or type(exc).__name__)
     except (MemoryError, RecursionError) as exc:
         return CheckResult.failed(f"ran out of resources: {type(exc).__name__}")
+    except SystemExit as exc:  # a library calling sys.exit() must not end the whole run
+        return CheckResult(
+            Outcome.FAILED,
+            f"internal error in {check.id}: SystemExit({exc.code!r})",
+            metrics={"traceback": "".join(traceback.format_exception(exc))},
+        )
     except Exception as exc:
         return CheckResult(
             Outcome.FAILED,

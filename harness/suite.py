@@ -15,6 +15,7 @@ from harness.result import Check
 #: family name -> module exposing ``checks(options)``; order is the order items run in.
 FAMILIES: dict[str, str] = {
     "structure": "harness.structure",
+    "security": "harness.security",
     "hash": "harness.digest",
 }
 

@@ -76,7 +76,15 @@ class CheckItem(pytest.Item):
             if trace and self.config.getoption("fulltrace", False):
                 lines.append(str(trace))
             return "\n".join(lines)
-        return str(super().repr_failure(excinfo, style=style))
+        if self.config.getoption("fulltrace", False):
+            return str(super().repr_failure(excinfo, style=style))
+        # Not a check's verdict: a bug in the harness itself. Still one line, no traceback.
+        error = excinfo.value
+        text = str(error).strip().splitlines()
+        return (
+            f"internal error in {self.check.id}: {type(error).__name__}:"
+            f" {text[0] if text else ''} (--full-trace shows the traceback)"
+        )
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         """Where the item comes from: the merged checkpoint, named by its check id."""
