@@ -18,6 +18,7 @@ from harness.errors import HarnessError
 if TYPE_CHECKING:
     from harness.adapter import Adapter
     from harness.checkpoint import Checkpoint
+    from harness.config import GateConfig
 
 T = TypeVar("T")
 
@@ -50,6 +51,9 @@ class Options:
     settings: dict[str, Any] = field(default_factory=dict)
     #: A folder the harness may write to (its own merges); never a user's checkpoint folder.
     workdir: Path | None = None
+    #: The validated gate configuration (benchmarks, perplexity, lock, reports); set by
+    #: ``harness.gate.load_settings``.
+    gate: GateConfig | None = None
 
 
 class _Failure:
