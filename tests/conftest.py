@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from guard import GUARD, committed_files
 
 from harness.tiny import build_adapter, build_base, peft_merge
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,18 @@ def _build(root: Path, dtype: str, shard: str | None = None) -> TinyMerge:
     base = build_base(root / "base", dtype=dtype, max_shard_size=shard)
     adapter = build_adapter(base, root / "adapter")
     merged = peft_merge(base, adapter, root / "merged", max_shard_size=shard)
+    GUARD.watch(root)  # every test must leave the session's merges as built
     return TinyMerge(base, adapter, merged)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def inputs_unchanged() -> Iterator[None]:
+    """No committed fixture file and no session-built merge changes across the whole suite."""
+    if FIXTURES.is_dir():
+        GUARD.watch(FIXTURES, committed_files(FIXTURES))
+    yield
+    changes = GUARD.changes()
+    assert not changes, "inputs changed during the test session:\n" + "\n".join(changes[:20])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,81 @@
+"""Prove that inputs stay untouched: snapshots of folders (names, sizes, mtimes, sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: A file's identity: (sha256, size, mtime in ns, mode bits).
+Entry = tuple[str, int, int, int]
+
+
+def snapshot(folder: Path, only: list[Path] | None = None) -> dict[str, Entry]:
+    """Every entry below ``folder`` (files, folders, links) -> its content digest and stat.
+
+    ``only`` restricts the snapshot to those files (the committed ones). Links are recorded by
+    target, not followed; a folder by its mode and mtime (adding a file changes its mtime).
+    """
+    out: dict[str, Entry] = {}
+    paths = only if only is not None else [folder, *sorted(folder.rglob("*"))]
+    for path in paths:
+        rel = path.relative_to(folder).as_posix() if path != folder else "."
+        if not os.path.lexists(path):
+            continue
+        info = path.lstat()
+        if path.is_symlink():
+            digest = "link:" + os.readlink(path)
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest = "dir" if path.is_dir() else "special"
+        out[rel] = (digest, info.st_size if path.is_file() else 0, info.st_mtime_ns, info.st_mode)
+    return out
+
+
+def differences(before: dict[str, Entry], after: dict[str, Entry]) -> list[str]:
+    """Human-readable differences between two snapshots (empty when identical)."""
+    lines = [f"removed {n}" for n in sorted(set(before) - set(after))]
+    lines += [f"added {n}" for n in sorted(set(after) - set(before))]
+    lines += [
+        f"changed {n}: {before[n]} -> {after[n]}"
+        for n in sorted(set(before) & set(after))
+        if before[n] != after[n]
+    ]
+    return lines
+
+
+def committed_files(folder: Path) -> list[Path] | None:
+    """The files git tracks below ``folder``, or None outside a git checkout."""
+    try:
+        listing = subprocess.run(
+            ["git", "ls-files", "-z", "--", "."],
+            cwd=folder, capture_output=True, check=True, timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [folder / name for name in listing.decode().split("\0") if name]
+
+
+@dataclass
+class InputGuard:
+    """Folders whose contents must be identical at the end of the test session."""
+
+    watched: dict[Path, tuple[list[Path] | None, dict[str, Entry]]] = field(default_factory=dict)
+
+    def watch(self, folder: Path, only: list[Path] | None = None) -> None:
+        """Record ``folder`` now; :meth:`changes` compares against this."""
+        self.watched[folder] = (only, snapshot(folder, only))
+
+    def changes(self) -> list[str]:
+        """Every difference since each folder was watched."""
+        lines = []
+        for folder, (only, before) in self.watched.items():
+            lines += [f"{folder}: {d}" for d in differences(before, snapshot(folder, only))]
+        return lines
+
+
+#: The session's guard: session fixtures register what they build, the conftest checks it.
+GUARD = InputGuard()
