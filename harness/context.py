@@ -80,6 +80,11 @@ class Context:
             raise value.error
         return value  # type: ignore[no-any-return]
 
+    def seed(self, key: str, value: Any) -> None:
+        """Record ``value`` for ``key`` unless it is known already (a pass that computed it on
+        the way, e.g. the weight oracle's digests for ``scan:merged``)."""
+        self._memo.setdefault(key, value)
+
     @property
     def has_base(self) -> bool:
         """Whether a base model was given (or discovered)."""

@@ -75,11 +75,17 @@ def _first(names: list[str], limit: int = 3) -> str:
 
 def merged_scan(ctx: Context) -> ScanResult:
     """The shared one-pass scan of the merged checkpoint (digests and non-finite values)."""
+    from harness.weights import prime
+
+    prime(ctx)  # the weight oracle's pass yields this scan too, when it runs
     return ctx.memo("scan:merged", lambda: scan_checkpoint(ctx.merged()))
 
 
 def base_scan(ctx: Context) -> ScanResult:
     """The shared one-pass scan of the base checkpoint."""
+    from harness.weights import prime
+
+    prime(ctx)
     return ctx.memo("scan:base", lambda: scan_checkpoint(ctx.base()))
 
 

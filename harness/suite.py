@@ -16,6 +16,7 @@ from harness.result import Check
 FAMILIES: dict[str, str] = {
     "structure": "harness.structure",
     "security": "harness.security",
+    "weights": "harness.weights",
     "hash": "harness.digest",
 }
 
