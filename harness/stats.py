@@ -315,7 +315,10 @@ class Paired:
         counts = None
         if isinstance(raw, Mapping):
             counts = PairCounts(
-                int(raw["both"]), int(raw["first_only"]), int(raw["second_only"]), int(raw["neither"])
+                int(raw["both"]),
+                int(raw["first_only"]),
+                int(raw["second_only"]),
+                int(raw["neither"]),
             )
         return cls(
             int(data["n"]),
@@ -364,7 +367,9 @@ def pair(first: Mapping[Any, float], second: Mapping[Any, float]) -> Paired:
         both = sum(1 for x, y in zip(a, b, strict=True) if x > 0.5 and y > 0.5)
         first_only = sum(1 for x, y in zip(a, b, strict=True) if x > 0.5 >= y)
         second_only = sum(1 for x, y in zip(a, b, strict=True) if y > 0.5 >= x)
-        counts = PairCounts(both, first_only, second_only, len(keys) - both - first_only - second_only)
+        counts = PairCounts(
+            both, first_only, second_only, len(keys) - both - first_only - second_only
+        )
         return Paired(len(keys), mean, sd, True, counts, positive, negative)
     return Paired(len(keys), mean, sd, False, None, positive, negative)
 
@@ -426,7 +431,10 @@ def _span(interval: Interval) -> str:
 def decide_floor(
     summary: Summary, floor: float, higher_is_better: bool, confidence: float
 ) -> Decision:
-    """Is the value on the good side of ``floor`` (a minimum, or a maximum when lower is better)?"""
+    """Decide whether the value is on the good side of ``floor``.
+
+    ``floor`` is a minimum when higher is better and a maximum when lower is better.
+    """
     side = ">=" if higher_is_better else "<="
     interval = value_interval(summary, confidence)
     figures: dict[str, Any] = {"threshold": floor, "value": summary.value}
@@ -455,15 +463,17 @@ def decide_drop(
     higher_is_better: bool,
     confidence: float,
 ) -> Decision:
-    """Is the loss against the base (in the bad direction) at most ``max_drop``?"""
+    """Decide whether the loss against the base (in the bad direction) is at most ``max_drop``."""
     sign = 1.0 if higher_is_better else -1.0
     figures: dict[str, Any] = {"threshold": max_drop, "base": base.value}
     if paired is None or merged.aggregate is not None or paired.n == 0:
-        drop = sign * (base.value - merged.value)
-        figures["drop"] = drop
-        ok = drop <= max_drop
+        point = sign * (base.value - merged.value)
+        figures["drop"] = point
+        ok = point <= max_drop
         outcome = Outcome.PASSED if ok else Outcome.FAILED
-        text = f"drop {_fmt(drop)} vs base {_fmt(base.value)} {'<=' if ok else '>'} {_fmt(max_drop)}"
+        text = (
+            f"drop {_fmt(point)} vs base {_fmt(base.value)} {'<=' if ok else '>'} {_fmt(max_drop)}"
+        )
         return Decision("max_drop", outcome, text + " (point value)", figures)
     diff = difference_interval(paired, confidence)  # merged - base
     lows = sorted((-sign * diff.low, -sign * diff.high))
@@ -486,19 +496,19 @@ def decide_adapter(
     max_diff: float,
     confidence: float,
 ) -> Decision:
-    """Is the merged model within ``max_diff`` of the unmerged adapter model (either direction)?
+    """Whether the merged model is within ``max_diff`` of the unmerged adapter model.
 
-    An equivalence test: pass when the whole interval of the paired difference lies inside
-    ``[-max_diff, max_diff]``, fail when it lies entirely outside.
+    Either direction counts. An equivalence test: pass when the whole interval of the paired
+    difference lies inside ``[-max_diff, max_diff]``, fail when it lies entirely outside.
     """
     figures: dict[str, Any] = {"threshold": max_diff, "adapter": adapter.value}
     if paired is None or merged.aggregate is not None or paired.n == 0:
-        diff = merged.value - adapter.value
-        figures["difference"] = diff
-        ok = abs(diff) <= max_diff
+        gap = merged.value - adapter.value
+        figures["difference"] = gap
+        ok = abs(gap) <= max_diff
         outcome = Outcome.PASSED if ok else Outcome.FAILED
         text = (
-            f"differs from adapter {_fmt(adapter.value)} by {_fmt(diff)}"
+            f"differs from adapter {_fmt(adapter.value)} by {_fmt(gap)}"
             f" {'within' if ok else 'beyond'} ±{_fmt(max_diff)} (point value)"
         )
         return Decision("max_adapter_diff", outcome, text, figures)
@@ -514,7 +524,9 @@ def decide_adapter(
     else:
         outcome, verdict = Outcome.INCONCLUSIVE, f"straddles ±{_fmt(max_diff)}"
     test = "McNemar" if paired.binary else "sign test"
-    text = f"vs adapter {_fmt(interval.estimate)} {_span(interval)} {verdict} ({test} p={p_value:.3g})"
+    text = (
+        f"vs adapter {_fmt(interval.estimate)} {_span(interval)} {verdict} ({test} p={p_value:.3g})"
+    )
     return Decision("max_adapter_diff", outcome, text, figures)
 
 

@@ -18,6 +18,8 @@ FAMILIES: dict[str, str] = {
     "security": "harness.security",
     "weights": "harness.weights",
     "hash": "harness.digest",
+    "lock": "harness.lock",
+    "benchmark": "harness.benchmark",
 }
 
 

@@ -30,7 +30,8 @@ from harness.stats import (
 
 
 def test_wilson_matches_published_values():
-    # Wilson (1927) / Newcombe (1998) Table I: 81/263 -> 0.2553 to 0.3662; 15/148 -> 0.0624 to 0.1605.
+    # Newcombe (1998) Table I, Wilson score method: 81/263 -> 0.2553 to 0.3662 and
+    # 15/148 -> 0.0624 to 0.1605.
     low, high = wilson(81, 263).low, wilson(81, 263).high
     assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
     interval = wilson(15, 148)
@@ -146,20 +147,32 @@ def test_drop_against_base():
     base = {i: 1.0 for i in range(100)}
     worse = {i: (1.0 if i < 60 else 0.0) for i in range(100)}
     decision = decide_drop(
-        pair(worse, base), summarize(list(worse.values())), summarize(list(base.values())),
-        0.1, True, 0.95,
+        pair(worse, base),
+        summarize(list(worse.values())),
+        summarize(list(base.values())),
+        0.1,
+        True,
+        0.95,
     )
     assert decision.outcome is Outcome.FAILED
     assert decision.figures["drop"]["estimate"] == pytest.approx(0.4)
     same = decide_drop(
-        pair(base, base), summarize(list(base.values())), summarize(list(base.values())),
-        0.1, True, 0.95,
+        pair(base, base),
+        summarize(list(base.values())),
+        summarize(list(base.values())),
+        0.1,
+        True,
+        0.95,
     )
     assert same.outcome is Outcome.PASSED
     # Lower is better: an increase is a drop.
     up = decide_drop(
-        pair(base, worse), summarize(list(base.values())), summarize(list(worse.values())),
-        0.1, False, 0.95,
+        pair(base, worse),
+        summarize(list(base.values())),
+        summarize(list(worse.values())),
+        0.1,
+        False,
+        0.95,
     )
     assert up.outcome is Outcome.FAILED
 
@@ -177,8 +190,11 @@ def test_adapter_equivalence_and_sample_size():
     assert small.outcome is Outcome.INCONCLUSIVE
     flipped = {i: 1.0 - v for i, v in same.items()}
     far = decide_adapter(
-        pair(same, flipped), summarize(list(same.values())), summarize(list(flipped.values())),
-        0.05, 0.95,
+        pair(same, flipped),
+        summarize(list(same.values())),
+        summarize(list(flipped.values())),
+        0.05,
+        0.95,
     )
     # Same accuracy overall, but every answer differs: the interval is centred on 0 and wide,
     # and the sign test does not flag it (balanced discordance), so it is inconclusive.

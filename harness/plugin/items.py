@@ -52,6 +52,10 @@ class CheckItem(pytest.Item):
 
         result = run_check(self.check, self.state.context(), self.state.options.check_timeout)
         self.user_properties.append((RESULT_PROPERTY, json.dumps(result.to_json(), default=str)))
+        from harness.report import junit_properties
+
+        # Kind, outcome, message and scalar figures as JUnit <property> elements (--junitxml).
+        self.user_properties.extend(junit_properties(self.check, result))
         if result.outcome is Outcome.FAILED:
             raise CheckFailed(result)
         if result.outcome is Outcome.INCONCLUSIVE:
