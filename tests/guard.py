@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 #: A file's identity: (sha256, size, mtime in ns, mode bits).
 Entry = tuple[str, int, int, int]
@@ -79,3 +81,26 @@ class InputGuard:
 
 #: The session's guard: session fixtures register what they build, the conftest checks it.
 GUARD = InputGuard()
+
+
+def install_family(
+    monkeypatch: Any, family: str, runs: dict[str, Callable[[Any], Any]]
+) -> None:
+    """Register a test-only check family (``merge::<family>::<name>``) for in-process runs.
+
+    Each function of ``runs`` is a check's ``run(ctx)``: a real :class:`~harness.result.Check`
+    run by the real runner and items, for behaviour no real input provokes on demand (a hang, an
+    internal error, a KeyboardInterrupt).
+    """
+    import sys
+    import types
+
+    from harness.result import Check, Kind
+    from harness.suite import FAMILIES
+
+    module = types.ModuleType(f"merge_harness_test_{family}")
+    module.checks = lambda options: [  # type: ignore[attr-defined]
+        Check(family, name, Kind.STRUCTURE, f"test-only {name}", run) for name, run in runs.items()
+    ]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(FAMILIES, family, module.__name__)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from guard import install_family
 from safetensors.torch import load_file, save_file
 
 from harness.checkpoint import Checkpoint, read_header
@@ -571,3 +572,111 @@ def test_reading_holds_one_tensor(tmp_path: Path):
     one = 256 * 256 * 4
     # The reader thread stays at most two tensors ahead of the consumer (plus the one in use).
     assert peak < 5 * one, f"peak {peak} bytes for tensors of {one} bytes (model {16 * one})"
+
+
+# ---- hangs, internal errors and interrupts through the real runner -----------------------------
+
+
+def _check(run: Callable[[Any], Any]) -> Any:
+    from harness.result import Check, Kind
+
+    return Check("test", "probe", Kind.STRUCTURE, "test-only", run)
+
+
+def _context() -> Any:
+    from harness.context import Context, Options
+
+    return Context(Options())
+
+
+def test_timeout_turns_a_hang_into_a_failed_check():
+    import threading
+    import time
+
+    from harness.result import Outcome
+    from harness.runner import run_check
+
+    release = threading.Event()
+    started = time.perf_counter()
+    result = run_check(_check(lambda ctx: release.wait(30)), _context(), timeout=0.2)
+    elapsed = time.perf_counter() - started
+    release.set()  # let the abandoned thread finish
+    assert result.outcome is Outcome.FAILED
+    assert result.message == "timed out after 0.2 s (raise --merge-timeout if the inputs are large)"
+    assert elapsed < 5
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_keyboard_interrupt_still_interrupts(timeout):
+    from harness.runner import run_check
+
+    def interrupt(ctx):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_check(_check(interrupt), _context(), timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (ValueError("boom\nsecond line"), "internal error in merge::test::probe: ValueError: boom"),
+        (SystemExit(3), "internal error in merge::test::probe: SystemExit(3)"),
+        (MemoryError(), "ran out of resources: MemoryError"),
+        (CheckpointError("x.safetensors: bad\nmore"), "x.safetensors: bad"),
+    ],
+)
+def test_errors_become_one_line_failures(error, message, timeout):
+    from harness.result import Outcome
+    from harness.runner import run_check
+
+    def fail(ctx):
+        raise error
+
+    result = run_check(_check(fail), _context(), timeout=timeout)
+    assert result.outcome is Outcome.FAILED
+    assert result.message == message
+
+
+def test_internal_error_item_shows_one_line(pytester: pytest.Pytester, monkeypatch, tiny_llama):
+    """An unexpected exception in a check: one line; the traceback only with --full-trace."""
+    def broken(ctx):
+        return {}["no such key"]
+
+    install_family(monkeypatch, "broken", {"lookup": broken})
+    args = ["--merge-checks", "broken", "--merged-model", str(tiny_llama.merged)]
+    result = pytester.runpytest(*args)
+    assert result.ret == 1
+    assert_clean(result.stdout.str() + result.stderr.str())
+    result.stdout.fnmatch_lines(
+        ["FAIL merge::broken::lookup *internal error in merge::broken::lookup: KeyError: 'no such*"]
+    )
+    traced = pytester.runpytest(*args, "--full-trace")
+    assert traced.ret == 1
+    traced.stdout.fnmatch_lines(["Traceback (most recent call last):", "*KeyError*"])
+
+
+def test_timeout_option_end_to_end(pytester: pytest.Pytester, monkeypatch, tiny_llama):
+    """--merge-timeout fails a hanging check and the run goes on to the next one."""
+    import threading
+
+    release = threading.Event()
+    install_family(monkeypatch, "slow", {"hang": lambda ctx: release.wait(30),
+                                          "quick": lambda ctx: _passed("fine")})
+    try:
+        result = pytester.runpytest("--merge-checks", "slow", "--merge-timeout", "0.5",
+                                    "--merged-model", str(tiny_llama.merged))
+    finally:
+        release.set()
+    assert result.ret == 1
+    assert_clean(result.stdout.str() + result.stderr.str())
+    result.stdout.fnmatch_lines(["FAIL merge::slow::hang *timed out after 0.5 s*",
+                                 "PASS merge::slow::quick *fine"])
+
+
+def _passed(message: str) -> Any:
+    from harness.result import CheckResult
+
+    return CheckResult.passed(message)
+
