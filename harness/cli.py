@@ -1,0 +1,157 @@
+"""The ``merge-harness`` console command: a small registry of subcommands.
+
+    merge-harness hash PATH [--json]
+    merge-harness merge BASE ADAPTER [ADAPTER ...] OUT [--max-shard-size SIZE] [--overwrite]
+    merge-harness gate ...            (the CI gate, see :mod:`harness.action`)
+
+A subcommand is a :class:`Command` (arguments + a ``run`` returning the exit status) added with
+:func:`register`; :func:`lazy` registers one whose module is imported only when it is used. Bad
+input is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+#: Exit status for bad input (a one-line cause on stderr).
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, argument setup and body."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: name -> subcommand, in the order ``--help`` lists them.
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add (or replace) a subcommand."""
+    COMMANDS[command.name] = command
+    return command
+
+
+def lazy(name: str, help: str, module: str) -> Command:
+    """A subcommand implemented by ``module.add_arguments(parser)`` and ``module.run(args)``."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args))
+
+    return Command(name, help, add_arguments, run)
+
+
+# ---- hash ---------------------------------------------------------------------------------
+
+
+def _hash_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="a checkpoint folder")
+    parser.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read a pickle checkpoint (torch.load with weights_only=True)",
+    )
+
+
+def _hash_run(args: argparse.Namespace) -> int:
+    from harness.checkpoint import Checkpoint
+    from harness.hashing import dumps_manifest, hash_checkpoint
+
+    manifest = hash_checkpoint(Checkpoint.open(args.path, allow_pickle=args.allow_pickle))
+    if args.json:
+        print(dumps_manifest(manifest))
+    else:
+        print(f"{manifest.digest}  {args.path}")
+    return 0
+
+
+# ---- merge --------------------------------------------------------------------------------
+
+
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", metavar="BASE", help="the base checkpoint folder")
+    parser.add_argument(
+        "adapters", metavar="ADAPTER", nargs="+",
+        help="PEFT adapter folder(s), merged in the order given",
+    )
+    parser.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
+    parser.add_argument(
+        "--max-shard-size", metavar="SIZE", default=None,
+        help="re-shard to this size (5GB, 500MB, 2GiB or bytes; default: the base's shards)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _merge_run(args: argparse.Namespace) -> int:
+    from harness.merger import merge_checkpoint
+
+    size: int | str | None = args.max_shard_size
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
+    out = merge_checkpoint(
+        Path(args.base),
+        [Path(a) for a in args.adapters],
+        Path(args.out),
+        max_shard_size=size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(out)
+    return 0
+
+
+register(Command("hash", "print a checkpoint's canonical content digest", _hash_arguments,
+                 _hash_run))
+register(Command("merge", "merge PEFT adapter(s) into a base checkpoint, streaming",
+                 _merge_arguments, _merge_run))
+register(lazy("gate", "run the merge checks as a CI gate (reports, annotations)",
+              "harness.action"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog="merge-harness",
+        description="Prove a merged LoRA/PEFT checkpoint is the merge it claims to be.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a :class:`HarnessError` is one line on stderr and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.handler
+    try:
+        return command.run(args)
+    except HarnessError as exc:
+        print(f"merge-harness {command.name}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"merge-harness {command.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
