@@ -9,9 +9,11 @@ a CI gate that checks a pull request's checkpoint must not fetch code or weights
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 
 #: What is set while the harness runs.
 OFFLINE_ENVIRONMENT: dict[str, str] = {
@@ -46,8 +48,8 @@ def enforce_offline() -> Callable[[], None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        for module, attr, value in saved_attrs:
-            setattr(module, attr, value)
+        for module, attr, old in saved_attrs:
+            setattr(module, attr, old)
 
     return restore
 
@@ -55,3 +57,23 @@ def enforce_offline() -> Callable[[], None]:
 def is_offline() -> bool:
     """Whether the environment currently asks the Hugging Face libraries to stay offline."""
     return all(os.environ.get(name) == value for name, value in OFFLINE_ENVIRONMENT.items())
+
+
+@contextlib.contextmanager
+def private_hypothesis_storage() -> Iterator[None]:
+    """Point hypothesis' storage (its ``constants`` cache) at a temporary folder for a while.
+
+    Hypothesis writes ``.hypothesis/`` into the current folder even with ``database=None`` (it
+    caches constants found in local source files). The harness writes only to its own temp
+    folders and the paths the user names, so its own searches use a private, deleted folder;
+    a user's own hypothesis tests in the same session keep their usual storage.
+    """
+    from hypothesis import configuration
+
+    previous = vars(configuration).get("__hypothesis_home_directory")
+    with tempfile.TemporaryDirectory(prefix="merge-harness-hypothesis-") as folder:
+        configuration.set_hypothesis_home_dir(folder)
+        try:
+            yield
+        finally:
+            configuration.set_hypothesis_home_dir(previous)
