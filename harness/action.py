@@ -58,6 +58,8 @@ ENV_VARS = {
 
 #: Variables the pytest child must not see: the gate command alone talks to GitHub, so
 #: annotations and the summary appear once even if the plugin also knows how to emit them.
+GATE_TITLE = "merge-harness gate"
+
 _GITHUB_ONLY = ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -246,44 +248,14 @@ def read_report(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def report_from_junit(path: Path) -> dict[str, Any] | None:
-    """A minimal report (``{"checks": [...]}``) from the JUnit XML, when no JSON report exists.
-
-    Each generated item records its result as the JUnit property ``merge_result``; this keeps
-    annotations precise even when the run stopped before the JSON report was written.
-    """
-    import xml.etree.ElementTree as ET
-
-    from harness.plugin.items import RESULT_PROPERTY
-
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return None
-    checks: list[dict[str, Any]] = []
-    for case in root.iter("testcase"):
-        for prop in case.iter("property"):
-            if prop.get("name") != RESULT_PROPERTY:
-                continue
-            try:
-                result = json.loads(prop.get("value", ""))
-            except ValueError:
-                continue
-            family = str(case.get("classname", "")).removeprefix("merge.")
-            result["id"] = f"merge::{family}::{case.get('name', '')}"
-            checks.append(result)
-    return {"checks": checks} if checks else None
-
-
 def render_summary(
     report: Mapping[str, Any] | None, exit_code: int, paths: Mapping[str, Path]
 ) -> str:
     """The markdown when pytest wrote no summary file: rendered from the JSON report, or a note."""
-    import importlib
+    if report is not None:
+        from harness.report import render_markdown
 
-    render = getattr(importlib.import_module("harness.report"), "render_markdown", None)
-    if report is not None and render is not None:
-        return str(render(dict(report)))
+        return render_markdown(report)
     return fallback_summary(exit_code, paths)
 
 
@@ -326,12 +298,11 @@ def run_gate(
         if in_actions:
             github.emit([f"::{token}::"], out)
 
-    json_report = read_report(paths["report"])
-    report = json_report or report_from_junit(paths["junit"])
+    report = read_report(paths["report"])
     try:
         summary = paths["summary"].read_text(encoding="utf-8")
     except OSError:
-        summary = render_summary(json_report, exit_code, paths)
+        summary = render_summary(report, exit_code, paths)
     lock_changed = None
     if request.lock:
         lock_changed = _file_digest(Path(request.lock)) != lock_before
@@ -344,42 +315,58 @@ def run_gate(
     return run
 
 
-def annotation_lines(run: GateRun, request: GateRequest) -> list[str]:
-    """The annotation lines of a run: one per check that did not pass, or one for a crash."""
-    if run.report is not None:
-        lines = github.report_annotations(run.report, file=_relative(request.lock))
-        if run.exit_code != 0 and not any(line.startswith("::error") for line in lines):
-            # The gate failed without a failed check (e.g. the lock digest changed).
-            lines.append(github.annotation(
-                "error",
-                _gate_message(run.report) or f"pytest exited with status {run.exit_code}",
-                title="merge-harness gate",
-                file=_relative(request.lock),
-            ))
-        return lines
-    level = "error" if run.exit_code != 0 else "warning"
-    return [github.annotation(
-        level,
-        f"pytest exited with status {run.exit_code} without writing a JSON report; see the log",
-        title="merge-harness gate",
-    )]
+def annotation_lines(
+    run: GateRun, request: GateRequest, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The annotation lines of a run, from its JSON report.
+
+    One per check that did not pass (a lock check is anchored to the lock file); when the gate
+    failed without a failed check (the lock file could not be written, say) one error with the
+    verdict's reasons; when pytest wrote no report at all (usage error, crash) one error that
+    says so.
+    """
+    if run.report is None:
+        level = "error" if run.exit_code != 0 else "warning"
+        return [github.annotation(
+            level,
+            f"pytest exited with status {run.exit_code} without writing a JSON report;"
+            " see the log",
+            title=GATE_TITLE,
+        )]
+    lock = run.report.get("lock") or {}
+    lock_file = _workspace_path(lock.get("path") or request.lock, env)
+    files = {
+        str(check.get("id")): lock_file
+        for check in run.report.get("checks", [])
+        if lock_file and "lock_status" in (check.get("metrics") or {})
+    }
+    lines = github.report_annotations(run.report, files=files)
+    if run.exit_code != 0 and not any(line.startswith("::error") for line in lines):
+        lines.append(github.annotation(
+            "error", _gate_message(run.report, run.exit_code), title=GATE_TITLE,
+            file=lock_file if lock.get("error") else None,
+        ))
+    return lines
 
 
-def _gate_message(report: Mapping[str, Any]) -> str | None:
-    gate = report.get("gate")
-    if isinstance(gate, Mapping):
-        for key in ("message", "reason", "verdict"):
-            if gate.get(key):
-                return str(gate[key])
-    return None
+def _gate_message(report: Mapping[str, Any], exit_code: int) -> str:
+    """Why the gate failed when no check did: the verdict's reasons, or the lock error."""
+    verdict = report.get("verdict") or {}
+    reasons = [str(r) for r in verdict.get("reasons", []) or []]
+    lock = report.get("lock") or {}
+    if lock.get("error"):
+        reasons.append(f"lock file {lock.get('path')}: cannot write: {lock['error']}")
+    return "\n".join(reasons) or f"pytest exited with status {exit_code}; see the log"
 
 
-def _relative(path: str | None) -> str | None:
-    """A path relative to the workspace (how annotations name files), or None outside it."""
+def _workspace_path(path: str | None, env: Mapping[str, str] | None) -> str | None:
+    """``path`` relative to the repository (how annotations name files), or None outside it."""
     if not path:
         return None
+    environ = os.environ if env is None else env
+    root = Path(environ.get("GITHUB_WORKSPACE") or Path.cwd()).absolute()
     try:
-        return Path(path).absolute().relative_to(Path.cwd()).as_posix()
+        return Path(path).absolute().relative_to(root).as_posix()
     except ValueError:
         return None
 
@@ -388,7 +375,7 @@ def publish(
     run: GateRun, request: GateRequest, env: Mapping[str, str], stream: TextIO
 ) -> None:
     """Annotations on stdout, the summary into the step summary, outputs into the step outputs."""
-    github.emit(annotation_lines(run, request), stream)
+    github.emit(annotation_lines(run, request, env), stream)
     github.append_summary(run.summary, env)
     outputs: dict[str, object] = {
         "outcome": run.outcome,
@@ -410,7 +397,7 @@ def run(namespace: argparse.Namespace) -> int:
     except GateUsageError as exc:
         sys.stderr.write(f"merge-harness gate: error: {exc}\n")
         if github.in_actions():
-            github.emit([github.annotation("error", str(exc), title="merge-harness gate")])
+            github.emit([github.annotation("error", str(exc), title=GATE_TITLE)])
             github.write_outputs({"outcome": "failed", "exit-code": 4})
         return 4
     return run_gate(request).exit_code

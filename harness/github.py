@@ -88,16 +88,17 @@ def report_annotations(
     report: Mapping[str, Any],
     *,
     limit: int = MAX_ANNOTATIONS,
-    file: str | None = None,
+    files: Mapping[str, str | None] | None = None,
 ) -> list[str]:
     """Annotation lines for the checks of a JSON report that did not pass.
 
     A failed check gives an ``::error`` titled by its id; an inconclusive one or a warning gives
     a ``::warning``. GitHub shows only ``limit`` annotations of a level per step, so beyond
     ``limit - 1`` the rest of that level is rolled up into one annotation that names how many
-    were left out. ``file`` (a path relative to the repository) anchors the annotations, e.g. to
-    the lock file or the gate configuration.
+    were left out. ``files`` maps a check id to the file (relative to the repository) its
+    annotation is anchored to, e.g. the lock file for the lock check.
     """
+    anchors = files or {}
     by_level: dict[str, list[Mapping[str, Any]]] = {level: [] for level in LEVELS}
     for check in report.get("checks", []) or []:
         level = _LEVEL_OF_OUTCOME.get(str(check.get("outcome", "")))
@@ -108,7 +109,9 @@ def report_annotations(
         shown = checks if len(checks) <= limit else checks[: max(limit - 1, 0)]
         for check in shown:
             title = str(check.get("id") or check.get("name") or "merge-harness")
-            lines.append(annotation(level, _check_message(check), title=title, file=file))
+            lines.append(
+                annotation(level, _check_message(check), title=title, file=anchors.get(title))
+            )
         hidden = checks[len(shown):]
         if hidden:
             names = ", ".join(str(c.get("id", "?")) for c in hidden)
@@ -118,7 +121,6 @@ def report_annotations(
                     level,
                     f"{len(hidden)} more check(s) {noun}: {names} (see the job summary)",
                     title="merge-harness",
-                    file=file,
                 )
             )
     return lines

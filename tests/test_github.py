@@ -118,6 +118,18 @@ def test_report_annotations_roll_up_beyond_githubs_limit() -> None:
     assert message.startswith("4 more check(s) failed: merge::weights::t9, merge::weights::t10")
 
 
+def test_report_annotations_anchor_checks_to_files() -> None:
+    report = report_with(
+        {"id": "merge::hash::lock", "outcome": "failed", "message": "merged digest changed"},
+        {"id": "merge::structure::loads", "outcome": "failed", "message": "no weights"},
+    )
+    lines = github.report_annotations(report, files={"merge::hash::lock": "merge-harness.lock"})
+    assert [parse_command(line)[1] for line in lines] == [
+        {"title": "merge::hash::lock", "file": "merge-harness.lock"},
+        {"title": "merge::structure::loads"},
+    ]
+
+
 def test_emit_writes_lines_and_flushes() -> None:
     out = io.StringIO()
     github.emit(["::error::a", "::warning::b"], out)
