@@ -8,7 +8,9 @@ applied), and a merge with a NaN written into one tensor.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -52,6 +54,7 @@ def actions_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pa
     for path in files.values():
         path.write_text("")
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(workspace))
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(files["summary"]))
     monkeypatch.setenv("GITHUB_OUTPUT", str(files["output"]))
     for name in action.ENV_VARS.values():
@@ -66,7 +69,7 @@ def gate(*argv: str | Path) -> int:
 
 #: The forward-pass family takes most of a gate run's time and adds nothing to what these tests
 #: check (the plumbing between pytest and GitHub), so the runs here leave it out.
-FAST = ("--", "--merge-checks", "structure,weights,hash")
+FAST = ("--", "--merge-checks", "structure,weights,hash,lock")
 
 
 def inputs(merged: Path, merges: Merges) -> list[str | Path]:
@@ -78,31 +81,67 @@ def workflow_commands(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("::")]
 
 
-def test_a_correct_merge_passes_and_says_so(merges, actions_env, capfd) -> None:
-    code = gate(*inputs(merges.merged, merges), "--report-dir", "reports", *FAST)
-    stdout = capfd.readouterr().out
-    assert code == 0
+class Approved:
+    """A passing gate run in GitHub mode that recorded the lock file (the label workflow)."""
 
-    commands = workflow_commands(stdout)
+    def __init__(self, root: Path, merges: Merges) -> None:
+        self.workspace = root / "workspace"
+        self.workspace.mkdir()
+        self.summary_file, self.output_file = root / "step_summary.md", root / "github_output"
+        self.summary_file.write_text("")
+        self.output_file.write_text("")
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MERGE_"))},
+            "GITHUB_ACTIONS": "true",
+            "GITHUB_WORKSPACE": str(self.workspace),
+            "GITHUB_STEP_SUMMARY": str(self.summary_file),
+            "GITHUB_OUTPUT": str(self.output_file),
+        }
+        stream = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(self.workspace)
+            request = action.request_from_args(parse(
+                *map(str, inputs(merges.merged, merges)), "--lock", "merge-harness.lock",
+                "--update-lock", "--report-dir", "reports", *FAST,
+            ), env)
+            self.run = action.run_gate(request, env=env, stream=stream)
+        self.stdout = stream.getvalue()
+        self.lock = self.workspace / "merge-harness.lock"
+        self.reports = self.workspace / "reports"
+
+
+@pytest.fixture(scope="module")
+def approved(merges: Merges, tmp_path_factory: pytest.TempPathFactory) -> Approved:
+    return Approved(tmp_path_factory.mktemp("approved"), merges)
+
+
+def test_a_correct_merge_passes_records_the_lock_and_says_so(approved: Approved) -> None:
+    assert approved.run.exit_code == 0
+    commands = workflow_commands(approved.stdout)
     assert not [c for c in commands if c.startswith(("::error", "::warning"))], commands
 
-    outputs = github.parse_outputs(actions_env["output"].read_text())
-    reports = Path("reports").absolute()
+    outputs = github.parse_outputs(approved.output_file.read_text())
     assert outputs["outcome"] == "passed"
     assert outputs["exit-code"] == "0"
-    assert outputs["report-dir"] == str(reports)
+    assert outputs["report-dir"] == str(approved.reports)
     for name, filename in action.REPORT_FILES.items():
-        assert outputs[name] == str(reports / filename)
-        assert (reports / filename).is_file()
-    report = json.loads((reports / "merge-report.json").read_text())
+        assert outputs[name] == str(approved.reports / filename)
+        assert (approved.reports / filename).is_file()
+    # The label workflow commits the lock only when this says it changed.
+    assert outputs["lock-file"] == str(approved.lock)
+    assert outputs["lock-changed"] == "true"
+    assert approved.lock.is_file()
+    report = json.loads((approved.reports / "merge-report.json").read_text())
     assert report["verdict"]["outcome"] == "passed"
+    assert report["lock"]["updated"] is True
 
     # The step summary is the plugin's markdown summary, appended as it is.
-    summary = actions_env["summary"].read_text()
-    assert summary == (reports / "merge-summary.md").read_text()
+    summary = approved.summary_file.read_text()
+    assert summary == (approved.reports / "merge-summary.md").read_text()
     assert summary.startswith("## ✅ merge-harness: gate passed")
     assert "| | Check | Result |\n|---|---|---|\n" in summary
     assert "| ✅ | `merge::hash::differs_from_base` |" in summary
+    assert "| ✅ | `merge::lock::digests` |" in summary
     assert "| ❌ |" not in summary
 
 
@@ -131,10 +170,13 @@ def test_a_merge_that_never_applied_the_adapter_fails_with_an_annotation(
     assert row.startswith("| ❌ |") and "identical to the base" in row
 
 
-def test_annotations_come_after_the_child_log_is_fenced_off(merges, actions_env, capfd) -> None:
-    # pytest's own log (tensor names, config values) is untrusted text: workflow commands are
-    # stopped while it runs, and the harness's annotations come after they are resumed.
-    code = gate(*inputs(merges.nan, merges), "--report-dir", "reports", *FAST, "-q")
+def test_a_changed_merge_fails_against_the_lock_with_fenced_off_log(
+    merges, approved, actions_env, capfd
+) -> None:
+    shutil.copy(approved.lock, "merge-harness.lock")
+    lock_before = Path("merge-harness.lock").read_bytes()
+    code = gate(*inputs(merges.nan, merges), "--lock", "merge-harness.lock", "--report-dir",
+                "reports", *FAST, "-q")
     stdout = capfd.readouterr().out
     assert code == 1
     stop = re.search(r"^::stop-commands::([0-9a-f]{32})$", stdout, re.M)
@@ -145,6 +187,15 @@ def test_annotations_come_after_the_child_log_is_fenced_off(merges, actions_env,
     title = "::error title=merge%3A%3Astructure%3A%3Aall_finite"
     finite = [c for c in errors if c.startswith(title)]
     assert finite and "model.layers.0.self_attn.q_proj.weight" in finite[0], errors
+    # The lock check's annotation points at the lock file, and names the changed tensor.
+    lock_errors = [c for c in errors if c.startswith(
+        "::error title=merge%3A%3Alock%3A%3Adigests,file=merge-harness.lock::merged digest changed"
+    )]
+    assert lock_errors and "model.layers.0.self_attn.q_proj.weight" in lock_errors[0], errors
+    outputs = github.parse_outputs(actions_env["output"].read_text())
+    assert outputs["outcome"] == "failed"
+    assert outputs["lock-changed"] == "false"
+    assert Path("merge-harness.lock").read_bytes() == lock_before
 
 
 def test_outside_github_nothing_is_published(merges, actions_env, monkeypatch, capfd) -> None:
