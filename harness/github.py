@@ -29,6 +29,9 @@ MAX_ANNOTATIONS = 10
 #: GitHub refuses step summaries above 1 MiB; we truncate below that with a note.
 SUMMARY_LIMIT = 1024 * 1024
 
+#: Lines of figures an annotation carries under its one-line cause; the job summary has all.
+MAX_DETAIL_LINES = 8
+
 #: Outcomes of a check in the JSON report, by the annotation level they produce.
 _LEVEL_OF_OUTCOME = {"failed": "error", "inconclusive": "warning", "warning": "warning"}
 
@@ -78,9 +81,12 @@ def annotation(
 
 
 def _check_message(check: Mapping[str, Any]) -> str:
-    """The message of one check: its one-line cause, then its figures on the next lines."""
+    """The message of one check: its one-line cause, then the first lines of its figures."""
     lines = [str(check.get("message", "")).strip() or "(no message)"]
-    lines.extend(str(d) for d in check.get("details", []) or [])
+    details = [str(d) for d in check.get("details", []) or []]
+    lines.extend(details[:MAX_DETAIL_LINES])
+    if len(details) > MAX_DETAIL_LINES:
+        lines.append(f"... {len(details) - MAX_DETAIL_LINES} more line(s) in the job summary")
     return "\n".join(lines)
 
 

@@ -106,6 +106,16 @@ def test_report_annotations_cover_failures_and_inconclusive_only() -> None:
     ]
 
 
+def test_report_annotations_keep_the_first_lines_of_long_figures() -> None:
+    details = [f"tensor {i}: off" for i in range(20)]
+    report = report_with({"id": "merge::weights::x", "outcome": "failed", "message": "bad",
+                          "details": details})
+    _, _, message = parse_command(github.report_annotations(report)[0])
+    assert message.splitlines() == [
+        "bad", *details[: github.MAX_DETAIL_LINES], "... 12 more line(s) in the job summary"
+    ]
+
+
 def test_report_annotations_roll_up_beyond_githubs_limit() -> None:
     checks = [
         {"id": f"merge::weights::t{i}", "outcome": "failed", "message": f"bad {i}"}
