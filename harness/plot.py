@@ -26,15 +26,16 @@ ROW_KEYS = ("tensor", "expected_norm", "found_norm", "ratio")
 
 def layer_rows(results: Iterable[CheckResult]) -> list[dict[str, Any]]:
     """The per-tensor rows of every result that carries ``metrics["layers"]`` (valid rows only)."""
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, dict[str, Any]] = {}
     for result in results:
         layers = result.metrics.get("layers")
         if not isinstance(layers, list):
             continue
         for row in layers:
+            # Several weight checks may carry the same table: keep one row per tensor.
             if isinstance(row, Mapping) and all(k in row for k in ROW_KEYS):
-                rows.append({k: row[k] for k in ROW_KEYS})
-    return rows
+                rows.setdefault(str(row["tensor"]), {k: row[k] for k in ROW_KEYS})
+    return list(rows.values())
 
 
 def short_name(tensor: str) -> str:
@@ -80,9 +81,11 @@ def plot_layers(rows: list[dict[str, Any]], path: Path, *, title: str = "weight 
     top.legend(loc="upper right", fontsize=8)
     top.set_title(title, fontsize=10)
     top.grid(axis="y", alpha=0.3)
-    finite = [r if math.isfinite(r) else 0.0 for r in ratio]
-    colors = ["#55A868" if abs(r - 1.0) <= 0.01 else "#C44E52" for r in finite]
-    bottom.scatter(x, finite, c=colors, s=18, zorder=3)
+    # A missing ratio (no delta expected for that tensor) is not drawn.
+    shown = [(i, r) for i, r in zip(x, ratio, strict=True) if math.isfinite(r)]
+    finite = [r for _, r in shown] or [1.0]
+    colors = ["#55A868" if abs(r - 1.0) <= 0.01 else "#C44E52" for _, r in shown]
+    bottom.scatter([i for i, _ in shown], [r for _, r in shown], c=colors, s=18, zorder=3)
     bottom.axhline(1.0, color="#333333", linewidth=0.8, linestyle="--", label="ratio 1 (correct)")
     bottom.set_ylabel("found / expected")
     top_ratio = max([1.5, *finite]) * 1.1

@@ -313,3 +313,41 @@ def test_lock_written_by_the_controller_under_xdist(pytester, tiny_llama):
     assert lock["digests"] == report["digests"]
     assert set(lock["digests"]) == {"merged", "base", "adapter"}
     assert len(lock["merged_tensors"]) == 21
+
+
+def test_changed_adapter_is_named_and_blocks_reuse(tmp_path, tiny_llama):
+    from harness.context import Context, Options
+    from harness.lock import check_lock, current_digests, reusable
+
+    options = Options(
+        merged=tiny_llama.merged,
+        base=tiny_llama.base,
+        adapter=tiny_llama.adapter,
+        lock_path=tmp_path / "merge-harness.lock",
+    )
+    current = current_digests(Context(options))
+    entry = {"fingerprint": "f" * 64, "evidence": {}, "outcome": "passed", "value": 1.0}
+    digests = dict(current.digests, adapter="0" * 64)
+    write_lock(
+        options.lock_path,
+        Lock(digests, current.merged_tensors, "0.1.0", {}, {"merge::benchmark::x.acc": entry}),
+    )
+    ctx = Context(options)
+    result = check_lock(ctx)
+    assert result.outcome.value == "failed"
+    assert result.message.startswith(
+        "adapter digest changed since merge-harness.lock (adapter 000000000000 ->"
+    )
+    assert result.metrics["changed"] == ["adapter"] and result.metrics["changed_tensors"] == []
+    assert reusable(ctx, "merge::benchmark::x.acc", "f" * 64) is None
+    # The same lock with the right adapter digest allows reuse, for the same fingerprint only.
+    write_lock(
+        options.lock_path,
+        Lock(
+            current.digests, current.merged_tensors, "0.1.0", {}, {"merge::benchmark::x.acc": entry}
+        ),
+    )
+    fresh = Context(options)
+    assert check_lock(fresh).outcome.value == "passed"
+    assert reusable(fresh, "merge::benchmark::x.acc", "f" * 64) == entry
+    assert reusable(fresh, "merge::benchmark::x.acc", "e" * 64) is None

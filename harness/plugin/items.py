@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.result import Check, CheckResult, Outcome
+from harness.result import Check, CheckResult, Kind, Outcome
 
 if TYPE_CHECKING:
     from harness.plugin.state import State
@@ -45,6 +45,10 @@ class CheckItem(pytest.Item):
         self.state = state
         self.add_marker(pytest.mark.merge_harness)
         self.add_marker(getattr(pytest.mark, check.kind.value))
+        if check.kind is Kind.BENCHMARK and self.config.pluginmanager.hasplugin("xdist"):
+            # Under ``pytest-xdist --dist loadgroup`` every benchmark item runs on one worker, so
+            # each model is evaluated once per run instead of once per worker.
+            self.add_marker(pytest.mark.xdist_group("merge-harness-benchmark"))
 
     def runtest(self) -> None:
         """Run the check; fail, skip or warn according to its outcome."""
