@@ -179,10 +179,10 @@ def request_from_args(
 
 def validate(request: GateRequest, cwd: Path | None = None) -> None:
     """Refuse requests pytest would only half-understand, with a one-line cause."""
-    if not (request.merged_model or (request.base_model and request.adapter)):
+    if not (request.merged_model or request.adapter):
         raise GateUsageError(
-            "nothing to check: give --merged-model (and --base-model, --adapter),"
-            " or --base-model and --adapter to let the harness merge"
+            "nothing to check: give --merged-model (with --base-model and --adapter), or"
+            " --adapter (and --base-model) to let the harness merge and check its own merge"
         )
     here = (cwd or Path.cwd()).resolve()
     folder = request.report_dir.resolve()
