@@ -308,6 +308,8 @@ def reusable(ctx: Context, check_id: str, fingerprint: str) -> dict[str, Any] | 
     Reuse needs every digest to match the lock and the same evaluation fingerprint; a lock that
     cannot be read allows nothing (its own check reports why).
     """
+    if not lock_path(ctx.options).is_file():
+        return None  # nothing recorded: skip computing the digests here
     try:
         state = lock_state(ctx)
     except HarnessError:
