@@ -104,3 +104,47 @@ def install_family(
     ]
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(FAMILIES, family, module.__name__)
+
+
+class NetworkGuard:
+    """Refuses and records every attempt to reach the network (TCP/UDP connects, DNS lookups).
+
+    Installed with a monkeypatch around an in-process run: nothing the harness or the libraries
+    it drives (transformers, peft, datasets, lm-eval, huggingface_hub) does can leave the
+    machine unnoticed, because every such path goes through these socket functions.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    def install(self, monkeypatch: Any) -> None:
+        """Patch the socket module (undone with the monkeypatch)."""
+        import socket
+
+        real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+        inet = (socket.AF_INET, socket.AF_INET6)
+
+        def refuse(what: str) -> OSError:
+            self.attempts.append(what)
+            return OSError(f"network access refused by the test guard: {what}")
+
+        def connect(sock: socket.socket, address: Any) -> None:
+            if sock.family in inet:
+                raise refuse(f"connect {address!r}")
+            real_connect(sock, address)
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            if sock.family in inet:
+                raise refuse(f"connect_ex {address!r}")
+            return real_connect_ex(sock, address)
+
+        def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+            raise refuse(f"getaddrinfo {host!r}")
+
+        def create_connection(address: Any, *args: Any, **kwargs: Any) -> Any:
+            raise refuse(f"create_connection {address!r}")
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(socket, "create_connection", create_connection)

@@ -16,11 +16,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from guard import differences, install_family, snapshot
+from guard import NetworkGuard, differences, install_family, snapshot
 from safetensors.torch import load_file, save_file
 
 from harness.result import CheckResult
 
+GATE_CONFIG = Path(__file__).resolve().parent.parent / "fixtures" / "gate" / "merge-harness.toml"
 #: os.open flags that write.
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -102,16 +103,20 @@ class OpenRecorder:
         monkeypatch.setattr(os, "open", recording_os_open)
 
 
-def test_full_run_changes_nothing(pytester: pytest.Pytester, inputs):
-    """Every family, every output: inputs untouched, never opened for writing; outputs only
-    where the user named them."""
+def test_full_run_changes_nothing_and_fetches_nothing(pytester: pytest.Pytester, inputs):
+    """Every family (the committed gate config adds perplexity and an lm-eval benchmark on a
+    local task), every output: inputs untouched and never opened for writing, outputs only where
+    the user named them, and not one network connection or DNS lookup attempted."""
     before = snapshots(inputs)
     out = pytester.path / "out"
     recorder = OpenRecorder(list(inputs.values()))
+    network = NetworkGuard()
     with pytest.MonkeyPatch.context() as patch:
         recorder.install(patch)
+        network.install(patch)
         result = pytester.runpytest(
             *args_for(inputs),
+            "--merge-config", str(GATE_CONFIG),
             "--merge-examples", "3",
             "--merge-report", str(out / "report.json"),
             "--merge-summary", str(out / "summary.md"),
@@ -120,6 +125,8 @@ def test_full_run_changes_nothing(pytester: pytest.Pytester, inputs):
         )
     assert_clean(result)
     assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["PASS merge::benchmark::tiny_choice.acc *"])
+    assert network.attempts == []
     assert_unchanged(before, inputs)
     assert recorder.writes == []
     assert recorder.reads > 0  # the recorder saw the harness read its inputs
