@@ -88,6 +88,9 @@ class Lock:
         unknown = sorted(set(digests) - set(MODELS))
         if unknown:
             raise ConfigError(f"{path}: unknown digest(s) {', '.join(unknown)}")
+        extra = sorted(set(data) - set(cls(digests={}).to_json()))
+        if extra:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, extra))}")
         tensors = data.get("merged_tensors", {})
         benchmarks = data.get("benchmarks", {})
         libraries = data.get("libraries", {})
@@ -127,7 +130,7 @@ def read_lock(path: Path) -> Lock | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError too
         raise ConfigError(f"{path}: bad JSON lock file: {exc}") from None
     return Lock.from_json(data, path)
 
