@@ -109,20 +109,31 @@ class Good:
     merged: Path
     sharded: Path
     sharded_base: Path
+    foreign: Foreign
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """Models that fit nothing here: a wider Llama with its adapter, and a GPT-2 adapter."""
+
     wide_base: Path
+    wide_adapter: Path
+    gpt2_adapter: Path
 
 
 @pytest.fixture(scope="module")
-def wide_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama twice as wide as the others: a base that matches no merge here."""
-    from harness.tiny import build_base
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> Foreign:
+    from harness.tiny import build_adapter, build_base
 
-    return build_base(tmp_path_factory.mktemp("wide") / "base", hidden_size=64,
-                      intermediate_size=128)
+    root = tmp_path_factory.mktemp("foreign")
+    wide = build_base(root / "wide", hidden_size=64, intermediate_size=128)
+    gpt2 = build_base(root / "gpt2", arch="gpt2")
+    return Foreign(wide, build_adapter(wide, root / "wide-adapter"),
+                   build_adapter(gpt2, root / "gpt2-adapter", fan_in_fan_out=True))
 
 
 @pytest.fixture
-def good(pytester: pytest.Pytester, tiny_llama, tiny_llama_sharded, wide_base) -> Good:
+def good(pytester: pytest.Pytester, tiny_llama, tiny_llama_sharded, foreign) -> Good:
     """Copies made inside the pytester folder (the run's working directory)."""
     root = pytester.path / "inputs"
     copies = {}
@@ -130,7 +141,7 @@ def good(pytester: pytest.Pytester, tiny_llama, tiny_llama_sharded, wide_base) -
                          ("merged", tiny_llama.merged), ("sharded", tiny_llama_sharded.merged),
                          ("sharded_base", tiny_llama_sharded.base)):
         copies[name] = Path(shutil.copytree(source, root / name))
-    return Good(root=root, wide_base=wide_base, **copies)
+    return Good(root=root, foreign=foreign, **copies)
 
 
 # ---- the cases ----------------------------------------------------------------------------------
@@ -343,6 +354,106 @@ def _config_file(text: str, name: str = "merge-harness.toml") -> Callable[[Good]
     return make
 
 
+def make_adapter(change: Callable[[Good], Path]) -> Callable[[Good], list[str]]:
+    """A case that damages the adapter: ``change`` returns the adapter folder to pass."""
+    return lambda good: [*merged_and_base(good.merged, good), "--adapter", str(change(good))]
+
+
+def _adapter_config(edit: Callable[[dict[str, Any]], None]) -> Callable[[Good], Path]:
+    def change(good: Good) -> Path:
+        path = good.adapter / "adapter_config.json"
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+        return good.adapter
+
+    return change
+
+
+def _adapter_weights(edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+                     ) -> Callable[[Good], Path]:
+    def change(good: Good) -> Path:
+        path = good.adapter / "adapter_model.safetensors"
+        save_file(edit(load_file(path)), path)
+        return good.adapter
+
+    return change
+
+
+def _adapter_text(text: str) -> Callable[[Good], Path]:
+    def change(good: Good) -> Path:
+        (good.adapter / "adapter_config.json").write_text(text)
+        return good.adapter
+
+    return change
+
+
+def _adapter_file(good: Good) -> Path:
+    target = good.root / "adapter.safetensors"
+    shutil.copy(good.adapter / "adapter_model.safetensors", target)
+    return target
+
+
+def _adapter_truncated(good: Good) -> Path:
+    path = good.adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-50])
+    return good.adapter
+
+
+def _adapter_pickle(good: Good) -> Path:
+    path = good.adapter / "adapter_model.safetensors"
+    torch.save(load_file(path), good.adapter / "adapter_model.bin")
+    path.unlink()
+    return good.adapter
+
+
+def _lock(text: str) -> Callable[[Good], list[str]]:
+    def make(good: Good) -> list[str]:
+        path = good.root / "merge-harness.lock"
+        path.write_text(text)
+        return [*merged_and_base(good.merged, good), "--merge-lock", str(path)]
+
+    return make
+
+
+def _lock_with(extra: dict[str, Any]) -> Callable[[Good], list[str]]:
+    def make(good: Good) -> list[str]:
+        lock = json.loads((FIXTURES / "gate" / "example.lock").read_text())
+        lock.update(extra)
+        return _lock(json.dumps(lock))(good)
+
+    return make
+
+
+def _tasks(prepare: Callable[[Path], None], include: str = "tasks") -> Callable[[Good], list[str]]:
+    """A gate config whose benchmark reads lm-eval tasks from a damaged folder."""
+
+    def make(good: Good) -> list[str]:
+        prepare(good.root)
+        config = good.root / "gate.toml"
+        config.write_text(
+            "tokenizer = 'builtin:chars'\n[benchmark]\n"
+            f"include_path = '{include}'\n[benchmark.tasks.tiny_choice]\nacc = {{ floor = 0.25 }}\n"
+        )
+        return [*merged_and_base(good.merged, good), "--adapter", str(good.adapter),
+                "--merge-config", str(config)]
+
+    return make
+
+
+def _task_yaml(text: str | None) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        (root / "tasks").mkdir()
+        if text is not None:
+            (root / "tasks" / "tiny_choice.yaml").write_text(text)
+
+    return prepare
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TASK_YAML = (FIXTURES / "tasks" / "tiny_choice" / "tiny_choice.yaml").read_text()
+AD = "{root}/adapter"
+WEIGHTS = "structure,weights"
 M = "{root}/merged"
 MF = "{root}/merged/model.safetensors"
 IDX = "{root}/sharded/model.safetensors.index.json"
@@ -452,9 +563,100 @@ CASES = [
          "{root}/base/model.safetensors: truncated: tensor * ends at data byte*",
          "structure::same_tensor_names"),
     Case("base-mismatch", "base", "a base that does not match the merged model (hidden size)",
-         lambda g: ["--merged-model", str(g.merged), "--base-model", str(g.wide_base)], 1,
+         lambda g: ["--merged-model", str(g.merged), "--base-model", str(g.foreign.wide_base)], 1,
          "* tensor(s) changed shape; 'lm_head.weight': base [128, 64], merged [128, 32]",
          "structure::same_shapes"),
+    # -- the adapter --------------------------------------------------------------------------
+    Case("adapter-missing", "adapter", "missing path",
+         lambda g: [*merged_and_base(g.merged, g), "--adapter", str(g.root / "nope")], 4,
+         "--adapter {root}/nope: no such file or folder"),
+    Case("adapter-file", "adapter", "a file where a folder is expected",
+         make_adapter(_adapter_file), 1,
+         "{root}/adapter.safetensors: expected an adapter folder, found a file",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-empty", "adapter", "an empty folder", make_adapter(_empty), 1,
+         "{root}/empty: no adapter_config.json (not a PEFT adapter folder)",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-config-json", "adapter", "adapter_config.json with bad syntax",
+         make_adapter(_adapter_text('{"r": 4,')), 1, "adapter_config.json: malformed JSON: *",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-no-type", "adapter", "adapter_config.json without peft_type",
+         make_adapter(_adapter_config(lambda c: c.pop("peft_type"))), 1,
+         "adapter_config.json: missing peft_type", "weights::adapter_supported", WEIGHTS),
+    Case("adapter-r0", "adapter", "r = 0", make_adapter(_adapter_config(lambda c: c.update(r=0))),
+         1, "adapter_config.json: r must be a positive integer, got 0",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-negative-alpha", "adapter", "a negative lora_alpha",
+         make_adapter(_adapter_config(lambda c: c.update(lora_alpha=-4))), 1,
+         "adapter_config.json: lora_alpha must be >= 0, got -4", "weights::adapter_supported",
+         WEIGHTS),
+    Case("adapter-unknown-type", "adapter", "an unknown adapter type",
+         make_adapter(_adapter_config(lambda c: c.update(peft_type="FOO"))), 1,
+         "adapter type FOO is not verifiable by merge-harness (verifiable: *)",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-targets-nothing", "adapter", "target modules matching nothing in the base",
+         make_adapter(_adapter_weights(
+             lambda t: {k.replace(".layers.", ".blocks."): v for k, v in t.items()})), 1,
+         "adapter module 'model.blocks.*' matches no tensor of the base checkpoint*",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-no-weights", "adapter", "an adapter file with no tensors",
+         make_adapter(_adapter_weights(lambda t: {})), 1,
+         "adapter_model.safetensors: no adapter weights (target_modules * matched nothing*",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-truncated", "adapter", "a truncated adapter_model.safetensors",
+         make_adapter(_adapter_truncated), 1,
+         AD + "/adapter_model.safetensors: truncated: tensor * ends at data byte*",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-pickle", "adapter", "a pickle-only adapter (default)",
+         make_adapter(_adapter_pickle), 1,
+         AD + ": only a pickle adapter_model.bin; refusing to unpickle*",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-hidden-size", "adapter", "an adapter for a different hidden size",
+         lambda g: [*merged_and_base(g.merged, g), "--adapter", str(g.foreign.wide_adapter)], 1,
+         "adapter module '*': the delta is * but the base weight is *",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-architecture", "adapter", "an adapter for a different architecture (GPT-2)",
+         lambda g: [*merged_and_base(g.merged, g), "--adapter", str(g.foreign.gpt2_adapter)], 1,
+         "adapter module 'transformer.h.0.attn.c_attn' matches no tensor of the base checkpoint*",
+         "weights::adapter_supported", WEIGHTS),
+    Case("adapter-merge-mismatch", "adapter",
+         "no --merged-model: an adapter that cannot be merged into the base",
+         lambda g: ["--base-model", str(g.base), "--adapter", str(g.foreign.wide_adapter)], 4,
+         "cannot merge * into {root}/base: adapter module '*': the delta is * but the base weight"
+         " is *", None, WEIGHTS),
+    Case("adapter-hub-base", "adapter", "no --base-model, and the adapter names a hub model",
+         lambda g: ["--adapter", str(_adapter_config(
+             lambda c: c.update(base_model_name_or_path="meta-llama/Llama-2-7b-hf"))(g))], 4,
+         "--adapter: *base_model_name_or_path 'meta-llama/Llama-2-7b-hf' is not a local folder*"),
+    # -- the lock file ------------------------------------------------------------------------
+    Case("lock-syntax", "lock", "a lock file with bad JSON syntax", _lock('{"digests": '), 1,
+         "{root}/merge-harness.lock: bad JSON lock file: *", "lock::digests", "structure,lock"),
+    Case("lock-unknown-key", "lock", "a lock file with an unknown key",
+         _lock_with({"surprise": 1}), 1, "{root}/merge-harness.lock: unknown key(s) surprise",
+         "lock::digests", "structure,lock"),
+    Case("lock-unknown-digest", "lock", "a lock file with an unknown digest",
+         _lock_with({"digests": {"merged": "ab", "extra": "cd"}}), 1,
+         "{root}/merge-harness.lock: unknown digest(s) extra", "lock::digests", "structure,lock"),
+    Case("lock-format", "lock", "a lock file of another format",
+         _lock_with({"format": "something/2"}), 1,
+         "{root}/merge-harness.lock: unsupported lock format 'something/2'*", "lock::digests",
+         "structure,lock"),
+    # -- the lm-eval tasks ----------------------------------------------------------------------
+    Case("tasks-missing", "tasks", "benchmark.include_path naming a missing folder",
+         _tasks(lambda root: None), 4, "{root}/gate.toml: benchmark.include_path: *no such folder",
+         None, "benchmark"),
+    Case("tasks-empty", "tasks", "a tasks folder without the task",
+         _tasks(_task_yaml(None)), 1,
+         "benchmark task 'tiny_choice' is not defined under {root}/tasks (no task YAML found)",
+         "benchmark::tiny_choice.acc", "benchmark"),
+    Case("tasks-yaml", "tasks", "a task YAML with bad syntax",
+         _tasks(_task_yaml("task: tiny_choice\n  bad: [\n")), 1,
+         "benchmark task 'tiny_choice' is not defined under {root}/tasks*",
+         "benchmark::tiny_choice.acc", "benchmark"),
+    Case("tasks-data", "tasks", "a task whose local data file is missing",
+         _tasks(_task_yaml(TASK_YAML)), 1,
+         "{root}/tasks/tiny_choice.yaml: data file 'data/test.jsonl' not found*",
+         "benchmark::tiny_choice.acc", "benchmark"),
     # -- the gate configuration ---------------------------------------------------------------
     Case("config-syntax", "config", "a gate config file with bad TOML syntax",
          _config_file("checks = [structure\n"), 4, "{root}/merge-harness.toml: *"),
