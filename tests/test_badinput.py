@@ -708,7 +708,7 @@ def run_case(pytester: pytest.Pytester, good: Good, case: Case, subprocess: bool
         result.stdout.fnmatch_lines([f"{prefix}*{pattern}"])
         shown = next(ln for ln in result.stdout.lines if ln.startswith(prefix))
         shown = shown[len(prefix):].strip()
-    return shown.replace(str(good.root), ".")
+    return shown.replace(str(good.root), ".").replace(str(good.foreign.wide_base.parent), ".")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -26,9 +26,9 @@ from harness.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from harness.dtypes import ITEMSIZE
 from harness.errors import HarnessError
 
-#: Examples per fuzz property (three properties: thousands of cases in every run, ~20 s on two
+#: Examples per fuzz property (three properties: thousands of cases in every run, ~15 s on two
 #: cores). Set MERGE_HARNESS_FUZZ_EXAMPLES for a long campaign.
-FUZZ_EXAMPLES = int(os.environ.get("MERGE_HARNESS_FUZZ_EXAMPLES", "1200"))
+FUZZ_EXAMPLES = int(os.environ.get("MERGE_HARNESS_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
