@@ -272,6 +272,7 @@ def merge_checkpoint(
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Merge ``adapter`` (or several, in sequence) into ``base`` and write the result to ``out``.
 
@@ -283,6 +284,7 @@ def merge_checkpoint(
 
     from harness.adapter import Adapter
     from harness.deltas import Target, plan_adapters
+    from harness.parallel import default_workers, ordered_map, single_threaded_torch
     from harness.scan import prefetch
 
     base_path = Path(base)
@@ -313,17 +315,24 @@ def merge_checkpoint(
         writer = _Writer(tmp, shards)
         total = sum(s.nbytes for s in shards)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
+        def process(item: tuple[TensorInfo, bytearray]) -> list[memoryview | bytearray]:
+            info, data = item
+            # an untied head starts from the base embedding: copy it before edits change it
+            original = bytearray(data) if info.name in extra else None
+            outputs = [_apply(plan.for_tensor(info.name), info, data)]
+            if original is not None:
+                outputs.append(_apply(plan.for_tensor(extra[info.name].name), info, original))
+            for edit in plan.for_tensor(info.name):
+                edit.release()
+            return outputs
+
+        count = workers if workers is not None else default_workers()
         try:
-            for info, data in prefetch(checkpoint):
-                # an untied head starts from the base embedding: copy it before edits change it
-                original = bytearray(data) if info.name in extra else None
-                writer.put(_apply(plan.for_tensor(info.name), info, data))
-                bar.update(info.nbytes)
-                if original is not None:
-                    writer.put(_apply(plan.for_tensor(extra[info.name].name), info, original))
-                    bar.update(info.nbytes)
-                for edit in plan.for_tensor(info.name):
-                    edit.release()
+            with single_threaded_torch():
+                for outputs in ordered_map(process, prefetch(checkpoint), count):
+                    for output in outputs:
+                        writer.put(output)
+                        bar.update(len(output))
         except BaseException:
             writer.slots.put(None)
             writer.thread.join()

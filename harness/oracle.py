@@ -20,7 +20,6 @@ temporaries (about 2^19 elements), never a whole model.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import queue
 import threading
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 
     from harness.adapter import Adapter
     from harness.deltas import Edit, Plan
+    from harness.deltas.base import Rows
 
 #: Elements per row block of the reference computation (fits the CPU caches, keeps RAM flat).
 BLOCK_ELEMENTS = 1 << 19
@@ -89,8 +89,7 @@ class TensorCheck:
     #: Largest ``|M - R| / bound`` over the elements (<= 1 passes).
     bound_use: float = 0.0
     worst: Worst | None = None
-    #: Elements the reference moves beyond rounding, and how many of those are unchanged.
-    required: int = 0
+    #: Elements the reference moves beyond rounding that still hold the base value.
     unchanged: int = 0
     #: Elements that differ from the base.
     changed: int = 0
@@ -195,15 +194,31 @@ def _pairs(
                 thread.join(0.01)
 
 
+#: Exponent bits per float dtype: all set means Inf or NaN.
+_EXPONENT = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+
+
+def _nonfinite(info: TensorInfo, data: bytearray) -> NonFinite | None:
+    """NaN/Inf statistics; a two-pass integer test first (``isfinite`` on bf16 is 10x slower)."""
+    mask = _EXPONENT.get(info.dtype)
+    if mask is not None and info.numel:
+        import torch
+
+        bits = torch.frombuffer(data, dtype=getattr(torch, _BITS[len(data) // info.numel]))
+        if int(torch.bitwise_and(bits, mask).max()) != mask:
+            return None
+    return find_nonfinite(info, data)
+
+
 def _scan_one(info: TensorInfo, data: bytearray) -> tuple[str, NonFinite | None]:
-    return hash_tensor_stream(info, data), find_nonfinite(info, data)
+    return hash_tensor_stream(info, data), _nonfinite(info, data)
 
 
 # ---- comparison -------------------------------------------------------------------------
 
 
 def _reference(
-    w: torch.Tensor, edits: Sequence[Edit], rows: slice, code: str, k: float
+    w: torch.Tensor, edits: Sequence[Edit], rows: Rows, code: str, k: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, S)`` for a block: the edits applied in order, each intermediate result rounded."""
     from harness.ulp import ulp
@@ -221,6 +236,14 @@ def _reference(
     return value, bound
 
 
+def _value(w: torch.Tensor, edits: Sequence[Edit], rows: Rows, code: str) -> torch.Tensor:
+    """``R`` alone for a block (the fast path: no bound)."""
+    value = w
+    for edit in edits:
+        value = edit.value(value, rows, code)
+    return value
+
+
 def reference_tensor(
     w: torch.Tensor, edits: Sequence[Edit], code: str, k: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,61 +251,88 @@ def reference_tensor(
     return _reference(w, edits, slice(None), code, k)
 
 
+_BITS = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (so that NaN == NaN and -0 != +0 compare as stored)."""
+    import torch
+
+    return tensor.view(getattr(torch, _BITS[tensor.element_size()]))
+
+
 class _Accumulator:
     """Per-tensor statistics gathered block by block."""
 
-    def __init__(self, check: TensorCheck) -> None:
+    def __init__(self, check: TensorCheck, code: str, k: float, shape: tuple[int, ...]) -> None:
         self.check = check
+        self.code = code
+        self.k = k
+        self.shape = shape
         self.squares = [0.0, 0.0, 0.0]
         self.best_ratio = -1.0
+        #: Elements equal to the correctly rounded reference (within the bound by proof).
+        self.matched = 0
 
-    def block(
+    def norms(self, m: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> None:
+        """Accumulate ``||R-W||``, ``||M-W||``, ``||M-R||`` (compute dtype inputs)."""
+        import torch
+
+        for slot, diff in enumerate((r - w, m - w, m - r)):
+            self.squares[slot] += float(torch.linalg.vector_norm(diff)) ** 2
+
+    def changed(self, m_stored: torch.Tensor, w_stored: torch.Tensor) -> None:
+        """Count elements whose stored bits differ from the base's."""
+        same = _bits(m_stored) == _bits(w_stored)
+        self.check.changed += int(same.numel() - int(same.sum()))
+
+    def exact(
         self,
-        start: int,
+        rows: torch.Tensor,
         m: torch.Tensor,
         w: torch.Tensor,
         r: torch.Tensor,
         s: torch.Tensor,
-        code: str,
-        k: float,
-        shape: tuple[int, ...],
     ) -> None:
+        """Full evaluation of some rows: bound, change requirement, worst element."""
         import torch
 
         from harness.ulp import ulp
 
-        check = self.check
-        ulp_r = ulp(r, code)
+        check, code, k = self.check, self.code, self.k
         err = (m - r).abs()
-        bound = ulp(r.abs() + s, code).mul_(k).add_(s)
+        spacing = ulp(r.abs() + s, code)
+        bound = spacing * k + s
         inside = err <= bound
         check.failed += int(inside.numel() - int(inside.sum()))
-        ulps = err / ulp_r
-        finite = torch.nan_to_num(ulps, nan=math.inf)
-        check.max_ulp = max(check.max_ulp, float(finite.max()) if finite.numel() else 0.0)
-        ratio = torch.nan_to_num(err / bound.clamp_min(torch.finfo(bound.dtype).tiny), nan=math.inf)
-        flat = int(torch.argmax(ratio)) if ratio.numel() else 0
-        if ratio.numel() and float(ratio.reshape(-1)[flat]) > self.best_ratio:
-            self.best_ratio = float(ratio.reshape(-1)[flat])
-            index = _unravel(start + flat, shape)
-            check.worst = Worst(
-                index,
-                float(m.reshape(-1)[flat]),
-                float(r.reshape(-1)[flat]),
-                float(w.reshape(-1)[flat]),
-                float(ulps.reshape(-1)[flat]),
-                float(bound.reshape(-1)[flat] / ulp_r.reshape(-1)[flat]),
-            )
-        moved = r - w
-        required = moved.abs() > ulp(w, code).mul_(0.5).add_(s)
-        same = m == w
-        check.required += int(required.sum())
-        check.unchanged += int((required & same).sum())
-        check.changed += int(same.numel() - int(same.sum()))
-        for slot, diff in enumerate((moved, m - w, m - r)):
-            self.squares[slot] += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+        ulps = torch.nan_to_num(err / spacing, nan=math.inf)
+        if ulps.numel():
+            check.max_ulp = max(check.max_ulp, float(ulps.max()))
+        ratio = torch.nan_to_num(err / bound.clamp_min(torch.finfo(bound.dtype).tiny),
+                                 nan=math.inf).reshape(-1)
+        if ratio.numel():
+            flat = int(torch.argmax(ratio))
+            if float(ratio[flat]) > self.best_ratio:
+                self.best_ratio = float(ratio[flat])
+                per_row = ratio.numel() // max(len(rows), 1)
+                row = int(rows[flat // per_row]) if per_row else 0
+                rest = _unravel(flat % per_row, self.shape[1:]) if per_row else ()
+                check.worst = Worst(
+                    (row, *rest) if len(self.shape) > 1 else (row,),
+                    float(m.reshape(-1)[flat]),
+                    float(r.reshape(-1)[flat]),
+                    float(w.reshape(-1)[flat]),
+                    float(ulps.reshape(-1)[flat]),
+                    float(bound.reshape(-1)[flat] / spacing.reshape(-1)[flat]),
+                )
+        required = (r - w).abs() > ulp(w, code).mul_(0.5).add_(s)
+        check.unchanged += int((required & (m == w)).sum())
 
     def finish(self) -> None:
+        """Square roots of the norms; matched elements used at most half an ULP."""
+        if self.matched:
+            self.best_ratio = max(self.best_ratio, 0.5 / self.k)
+            self.check.max_ulp = max(self.check.max_ulp, 0.5)
         self.check.bound_use = max(self.best_ratio, 0.0)
         self.check.expected_norm, self.check.found_norm, self.check.error_norm = (
             math.sqrt(v) for v in self.squares
@@ -306,26 +356,50 @@ def compare_edited(
     k: float,
     role: str = "targeted",
 ) -> TensorCheck:
-    """Compare one merged tensor with its reference, row block by row block."""
+    """Compare one merged tensor with its reference, row block by row block.
+
+    Fast path (``k >= 1/2``): an element equal to the reference rounded to the stored dtype is
+    within ``ulp/2 <= k*ulp(|R|+S) + S`` of it, and cannot be an unchanged element the change
+    requirement needs (the reference would round to the base), so only rows holding another
+    value are evaluated with the full bound.
+    """
+    import torch
+
     from harness.ulp import compute_dtype
 
     cd = compute_dtype(code)
     check = TensorCheck(name, role, code, merged.numel(), [e.describe() for e in edits])
-    acc = _Accumulator(check)
-    shape = tuple(merged.shape)
-    rows = shape[0] if shape else 1
+    shape = tuple(merged.shape) or (1,)
+    acc = _Accumulator(check, code, k, shape)
+    m_all, w_all = merged.reshape(shape), base.reshape(shape)
+    rows = shape[0]
     per_row = merged.numel() // rows if rows else 0
-    step = rows
-    if all(e.blockable for e in edits) and per_row:
-        step = max(1, BLOCK_ELEMENTS // per_row)
-    m_all, w_all = (merged, base) if shape else (merged.reshape(1), base.reshape(1))
+    blockable = all(e.blockable for e in edits)
+    step = max(1, BLOCK_ELEMENTS // per_row) if blockable and per_row else max(rows, 1)
+    fast = k >= 0.5
     for start in range(0, rows, step):
         block = slice(start, min(rows, start + step))
-        w = w_all[block].to(cd)
-        r, s = _reference(w, edits, block, code, k)
-        acc.block(start * per_row, m_all[block].to(cd), w, r, s, code, k, shape or (1,))
+        w_stored, m_stored = w_all[block], m_all[block]
+        w = w_stored.to(cd)
+        acc.changed(m_stored, w_stored)
+        if not fast:
+            r, s = _reference(w, edits, block, code, k)
+            m = m_stored.to(cd)
+            acc.norms(m, w, r)
+            acc.exact(torch.arange(block.start, block.stop), m, w, r, s)
+            continue
+        r = _value(w, edits, block, code)
+        acc.norms(m_stored.to(cd), w, r)
+        mismatch = (r.to(m_stored.dtype) != m_stored).reshape(r.shape[0], -1)
+        bad = mismatch.any(dim=1).nonzero().reshape(-1)
+        acc.matched += mismatch.numel() - int(mismatch.sum())
+        if bad.numel():
+            numbers = bad + start
+            sub_w = w[bad]
+            sub_r, sub_s = _reference(sub_w, edits, numbers, code, k)
+            acc.exact(numbers, m_stored[bad].to(cd), sub_w, sub_r, sub_s)
     acc.finish()
-    if check.required == 0 and check.expected_norm > 0:
+    if check.changed == 0 and check.expected_norm > 0 and check.ok:
         check.note = f"the delta is below {code} resolution everywhere: a correct merge is a no-op"
     return check
 
@@ -398,6 +472,20 @@ def _work_list(merged: Checkpoint, base: Checkpoint, plan: Plan | None) -> dict[
     return work
 
 
+@dataclass
+class _Done:
+    """What processing one merged tensor produced."""
+
+    name: str
+    digest: str | None = None
+    nonfinite: NonFinite | None = None
+    base_name: str | None = None
+    base_digest: str | None = None
+    base_nonfinite: NonFinite | None = None
+    checks: list[TensorCheck] = field(default_factory=list)
+    nbytes: int = 0
+
+
 def run_oracle(
     merged: Checkpoint,
     base: Checkpoint,
@@ -405,15 +493,17 @@ def run_oracle(
     k: float = 1.0,
     *,
     scans: bool = True,
+    workers: int | None = None,
 ) -> tuple[OracleResult, ScanResult | None, ScanResult | None]:
     """Stream ``merged`` against ``base`` + ``adapters``; return the verdicts and both scans.
 
     Raises :class:`HarnessError` only when a checkpoint cannot be read; adapter problems
     (unsupported type, invalid config, modules matching nothing) are recorded in
-    ``result.problem`` so the untouched tensors and digests are still computed.
+    ``result.problem`` so the untouched tensors and digests are still computed. Tensors are
+    processed on ``workers`` threads (default: the usable CPUs), results kept in file order.
     """
     from harness.deltas import Target, plan_adapters
-    from harness.diagnosis import diagnose
+    from harness.parallel import default_workers, ordered_map, single_threaded_torch
 
     started = time.perf_counter()
     problem: str | None = None
@@ -427,55 +517,66 @@ def run_oracle(
     result = OracleResult(
         [{"path": str(a.root), "peft_type": a.peft_type} for a in adapters], problem, [], k
     )
+
+    def process(item: tuple[TensorInfo, bytearray, bytearray | None]) -> _Done:
+        info, data, other = item
+        done = _Done(info.name, nbytes=len(data) + (len(other) if other is not None else 0))
+        if scans:
+            done.digest, done.nonfinite = _scan_one(info, data)
+            if other is not None and sources.get(info.name) == info.name:
+                done.base_name = info.name
+                done.base_digest, done.base_nonfinite = _scan_one(base.tensors[info.name], other)
+        if other is not None and problem is None and plan is not None:
+            jobs = work[info.name]
+            try:
+                for job in jobs:
+                    check = _check_one(job, info, data, other, base.tensors[job.base], k)
+                    if check is None:
+                        continue
+                    if not check.ok:
+                        from harness.diagnosis import diagnose
+
+                        check.diagnosis = diagnose(check, job.edits, plan, info, data,
+                                                   base.tensors[job.base], other, k)
+                    done.checks.append(check)
+            finally:
+                for job in jobs:
+                    for edit in job.edits:
+                        edit.release()
+        return done
+
+    def rest() -> Iterator[tuple[TensorInfo, bytearray, bytearray | None]]:
+        """Base tensors the merged pass did not read (for the base's digest)."""
+        seen = {source for name, source in sources.items() if source == name}
+        for info in base.in_file_order():
+            if info.name not in seen:
+                yield info, base.read_bytes(info.name), None
+
     merged_digests: dict[str, str] = {}
     base_digests: dict[str, str] = {}
     merged_bad: dict[str, NonFinite] = {}
     base_bad: dict[str, NonFinite] = {}
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="merge-harness-hash")
-    pending: list[tuple[dict[str, str], dict[str, NonFinite], str, Any]] = []
-
-    def drain(keep: int) -> None:
-        while len(pending) > keep:
-            digests, bad, name, future = pending.pop(0)
-            digest, nonfinite = future.result()
-            digests[name] = digest
-            if nonfinite is not None:
-                bad[name] = nonfinite
-
+    count = workers if workers is not None else default_workers()
     try:
-        for info, data, other in _pairs(merged, base, sources):
-            result.bytes_read += len(data) + (len(other) if other is not None else 0)
+        with single_threaded_torch():
+            for done in ordered_map(process, _pairs(merged, base, sources), count):
+                result.bytes_read += done.nbytes
+                result.tensors.extend(done.checks)
+                if done.digest is not None:
+                    merged_digests[done.name] = done.digest
+                if done.nonfinite is not None:
+                    merged_bad[done.name] = done.nonfinite
+                if done.base_name is not None and done.base_digest is not None:
+                    base_digests[done.base_name] = done.base_digest
+                if done.base_name is not None and done.base_nonfinite is not None:
+                    base_bad[done.base_name] = done.base_nonfinite
             if scans:
-                pending.append((merged_digests, merged_bad, info.name,
-                                pool.submit(_scan_one, info, data)))
-                source = sources.get(info.name)
-                if other is not None and source == info.name:
-                    pending.append((base_digests, base_bad, info.name,
-                                    pool.submit(_scan_one, base.tensors[info.name], other)))
-            if other is not None and problem is None:
-                for job in work[info.name]:
-                    check = _check_one(job, info, data, other, base.tensors[job.base], k)
-                    if check is not None:
-                        if not check.ok and plan is not None:
-                            check.diagnosis = diagnose(check, job.edits, plan, info, data,
-                                                       base.tensors[job.base], other, k)
-                        result.tensors.append(check)
-                for job in work[info.name]:
-                    for edit in job.edits:
-                        edit.release()
-            drain(2)
-        if scans:
-            for name in base.tensors:
-                if name not in base_digests and not any(p[2] == name and p[0] is base_digests
-                                                        for p in pending):
-                    data = base.read_bytes(name)
+                for info, data, _ in rest():
                     result.bytes_read += len(data)
-                    pending.append((base_digests, base_bad, name,
-                                    pool.submit(_scan_one, base.tensors[name], data)))
-                    drain(2)
-        drain(0)
+                    base_digests[info.name], found = _scan_one(info, data)
+                    if found is not None:
+                        base_bad[info.name] = found
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         if plan is not None:
             plan.release()
     result.seconds = time.perf_counter() - started

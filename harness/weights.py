@@ -188,32 +188,34 @@ def check_applied(ctx: Context) -> CheckResult:
     if not edited:
         return CheckResult.skipped("the adapter changes no tensor")
     stuck = [t for t in edited if t.unchanged]
-    required = sum(t.required for t in edited)
+    changed = sum(t.changed for t in edited)
+    total = sum(t.numel for t in edited)
     if stuck:
-        stuck.sort(key=lambda t: -t.unchanged / max(t.required, 1))
+        stuck.sort(key=lambda t: -t.unchanged / max(t.numel, 1))
         first = stuck[0]
         more = f" (and {len(stuck) - 1} more tensor(s))" if len(stuck) > 1 else ""
         return CheckResult.failed(
-            f"{first.name}: {first.unchanged} of {first.required} elements that the adapter"
-            f" moves beyond rounding are unchanged{more} -- diagnosis:"
-            f" {first.diagnosis or 'none'}",
-            [f"{t.name}: {t.unchanged}/{t.required} unchanged -- {t.diagnosis}" for t in stuck[:8]],
+            f"{first.name}: {first.unchanged} element(s) that the adapter moves beyond rounding"
+            f" still hold the base value ({first.changed} of {first.numel} changed){more} --"
+            f" diagnosis: {first.diagnosis or 'none'}",
+            [f"{t.name}: {t.unchanged} unchanged, {t.changed}/{t.numel} changed --"
+             f" {t.diagnosis}" for t in stuck[:8]],
             unchanged={t.name: t.unchanged for t in stuck},
         )
     below = [t for t in edited if t.note]
     note = (
         f"; {len(below)} tensor(s) with a delta below the stored precision" if below else ""
     )
-    if not required:
+    if not changed:
         return CheckResult.passed(
             "the adapter's delta is below the stored precision everywhere: a correct merge"
             " equals the base" + note
         )
     return CheckResult.passed(
-        f"all {required} elements the adapter moves beyond half an ULP changed, in"
-        f" {len(edited)} tensor(s){note}",
-        required=required,
-        changed=sum(t.changed for t in edited),
+        f"every element the adapter moves beyond half an ULP changed ({changed} of {total}"
+        f" elements in {len(edited)} tensor(s)){note}",
+        changed=changed,
+        elements=total,
     )
 
 

@@ -168,7 +168,7 @@ def lora_deltas(adapter: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[st
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         delta = (b @ a) * scale
         name = module + ".weight"
-        if tuple(shapes[name]) != tuple(delta.shape):
+        if config.get("fan_in_fan_out") or tuple(shapes[name]) != tuple(delta.shape):
             delta = delta.T  # Conv1D: stored (in, out)
         deltas[name] = delta.contiguous()
     return deltas

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from harness.checkpoint import TensorInfo
 from harness.errors import AdapterError
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import torch
 
     from harness.adapter import Adapter
+
+#: Rows of a stored tensor an edit is evaluated on: a contiguous block, or row numbers.
+Rows: TypeAlias = "slice | torch.Tensor"
 
 #: Input-embedding and output-head tensor names (suffixes), as transformers names them.
 INPUT_EMBEDDINGS = (
@@ -157,13 +160,21 @@ class Edit(abc.ABC):
 
     @abc.abstractmethod
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """The exact value after this edit for stored rows ``rows`` of the current value ``w``.
 
         ``w`` is the reference so far (compute dtype), ``incoming`` the bound on how far the merge
-        may already be from it (None: exact), ``code`` the stored dtype.
+        may already be from it (None: exact), ``code`` the stored dtype. ``rows`` is a slice or a
+        tensor of row numbers.
         """
+
+    def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
+        """Only the reference value (no bound): the oracle's fast path.
+
+        Must equal ``reference(w, None, rows, code).value`` exactly.
+        """
+        return self.reference(w, None, rows, code).value
 
     @abc.abstractmethod
     def merge(self, w: torch.Tensor) -> torch.Tensor:
@@ -181,8 +192,16 @@ class Edit(abc.ABC):
         """Validate shapes against the base tensor; raise AdapterError naming the module."""
 
 
+def row_positions(rows: Rows, count: int) -> dict[int, int]:
+    """Stored row number -> position in the block, for a slice or a tensor of row numbers."""
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(count)
+        return {row: i for i, row in enumerate(range(start, stop, step))}
+    return {int(row): i for i, row in enumerate(rows.tolist())}
+
+
 def oriented_rows(
-    left: torch.Tensor, right: torch.Tensor, rows: slice, transposed: bool
+    left: torch.Tensor, right: torch.Tensor, rows: Rows, transposed: bool
 ) -> torch.Tensor:
     """Rows ``rows`` of ``left @ right`` (or of its transpose when ``transposed``).
 
@@ -197,7 +216,7 @@ def oriented_rows(
 
 
 def outer_norms(
-    left: torch.Tensor, right: torch.Tensor, rows: slice, transposed: bool
+    left: torch.Tensor, right: torch.Tensor, rows: Rows, transposed: bool
 ) -> torch.Tensor:
     """Cauchy-Schwarz bound ``||left_i|| * ||right_j||`` of ``sum_k |left_ik| |right_kj|``."""
     import torch

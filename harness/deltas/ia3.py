@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness.deltas.base import CONV1D_MODEL_TYPES, CONV1D_MODULES, Edit, Step, Target
+from harness.deltas.base import CONV1D_MODEL_TYPES, CONV1D_MODULES, Edit, Rows, Step, Target
 from harness.errors import AdapterError, UnsupportedAdapterError
 from harness.ulp import compute_roundoff, ulp
 
@@ -44,7 +44,7 @@ class Ia3Scale(Edit):
         return f"{self.kind} {'bias' if self.bias else 'weight'}"
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """``W * l``, bounded for rounding of the vector and of the product.
 

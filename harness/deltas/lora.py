@@ -24,6 +24,7 @@ from harness.deltas.base import (
     CONV1D_MODEL_TYPES,
     CONV1D_MODULES,
     Edit,
+    Rows,
     Step,
     Target,
     oriented_rows,
@@ -121,19 +122,33 @@ class LoraScale:
         return text
 
     def alternatives(self) -> list[tuple[str, float]]:
-        """Wrong scales a faulty merger produces, as factors of the right one, with names."""
+        """Wrong scales a faulty merger produces, as factors of the right one, with names.
+
+        Specific causes come first (rsLoRA, patterns), generic factors after; causes that give
+        the same factor are named together (with ``r = 4``, doubling is also ``sqrt(r)``).
+        """
         s = self.value
-        found: list[tuple[str, float]] = [
-            ("delta applied twice (or scale doubled)", 2.0),
-            ("scale halved", 0.5),
-            ("sign flipped (delta subtracted)", -1.0),
-        ]
         root = math.sqrt(self.r)
+        found: list[tuple[str, float]] = [("sign flipped (delta subtracted)", -1.0)]
         if self.rslora:
             found.append(("rsLoRA ignored: alpha/r used instead of alpha/sqrt(r)", 1 / root))
         else:
             found.append(("rsLoRA scaling alpha/sqrt(r) used instead of alpha/r", root))
+        if s:
+            if self.r_key is not None:
+                wrong = self.scale(self.default_r, self.alpha)
+                found.append((f"rank_pattern ignored (r={self.default_r} used)", wrong / s))
+            if self.alpha_key is not None:
+                wrong = self.scale(self.r, self.default_alpha)
+                found.append(
+                    (f"alpha_pattern ignored (alpha={self.default_alpha:g} used)", wrong / s)
+                )
+            if self.r_key is not None and self.alpha_key is not None:
+                both = self.scale(self.default_r, self.default_alpha)
+                found.append(("rank_pattern and alpha_pattern ignored", both / s))
         found += [
+            ("delta applied twice (or scale doubled)", 2.0),
+            ("scale halved", 0.5),
             ("scale off by sqrt(r)", root),
             ("scale off by 1/sqrt(r)", 1 / root),
             ("scale off by r (alpha used as the scale)", float(self.r)),
@@ -141,18 +156,12 @@ class LoraScale:
         ]
         if s:
             found.append(("delta not scaled (scale 1 used)", 1 / s))
-        if not s:
-            return found
-        if self.r_key is not None:
-            wrong = self.scale(self.default_r, self.alpha)
-            found.append((f"rank_pattern ignored (r={self.default_r} used)", wrong / s))
-        if self.alpha_key is not None:
-            wrong = self.scale(self.r, self.default_alpha)
-            found.append((f"alpha_pattern ignored (alpha={self.default_alpha:g} used)", wrong / s))
-        if self.r_key is not None and self.alpha_key is not None:
-            both = self.scale(self.default_r, self.default_alpha)
-            found.append(("rank_pattern and alpha_pattern ignored", both / s))
-        return found
+        merged: dict[float, list[str]] = {}
+        for label, factor in found:
+            key = next((f for f in merged if math.isclose(f, factor, rel_tol=1e-9)), factor)
+            if label not in merged.setdefault(key, []):
+                merged[key].append(label)
+        return [(" or ".join(labels), factor) for factor, labels in merged.items()]
 
 
 def lora_slack(
@@ -173,7 +182,7 @@ def lora_slack(
     """
     u_c = compute_roundoff(code)
     slack = ulp(delta, code).mul_(DELTA_ULPS)
-    slack.add_(products, alpha=(gamma(rank, U32) + gamma(rank, u_c)) * abs(scale))
+    slack.add_(products, alpha=(gamma(rank, U32) + gamma(rank + 1, u_c)) * abs(scale))
     slack.add_(w.abs().add_(delta.abs()), alpha=2 * u_c)
     return slack
 
@@ -235,11 +244,27 @@ class LoraLinear(Edit):
         """``(B, A)`` in ``dtype``: ``(out, r)`` and ``(r, in)``."""
         return self.load(self.b_key, dtype), self.load(self.a_key, dtype)
 
-    def delta_rows(self, rows: slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def scaled_rows(self, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of ``(s * B) @ A`` in stored orientation: the reference delta.
+
+        Scaling the ``(out, r)`` factor first saves a pass over the delta; the extra rounding is
+        inside the ``γ`` term of :func:`lora_slack` (``r + 1`` roundings per element at most).
+        """
+        key = (self.b_key, ("scaled", dtype))
+        scaled = self._cache.get(key)
+        if scaled is None:
+            scaled = self.load(self.b_key, dtype) * self.scale
+            self._cache[key] = scaled
+        return oriented_rows(scaled, self.load(self.a_key, dtype), rows, self.transposed)
+
+    def delta_rows(self, rows: Rows, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the scaled delta in stored orientation, and the ``sum |B||A|`` bound."""
         b, a = self.factors(dtype)
-        delta = oriented_rows(b, a, rows, self.transposed).mul_(self.scale)
-        return delta, outer_norms(b, a, rows, self.transposed)
+        return self.scaled_rows(rows, dtype), outer_norms(b, a, rows, self.transposed)
+
+    def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
+        """``W + (s * B) @ A`` without the bound."""
+        return w + self.scaled_rows(rows, w.dtype)
 
     def unscaled(self, dtype: torch.dtype) -> torch.Tensor:
         """``B @ A`` in its natural ``(out, in)`` orientation (never transposed), unscaled."""
@@ -247,7 +272,7 @@ class LoraLinear(Edit):
         return b @ a
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """``W + s * B @ A`` (transposed for Conv1D/embeddings) with :func:`lora_slack`."""
         delta, products = self.delta_rows(rows, w.dtype)
@@ -302,6 +327,10 @@ class LoraDora(LoraLinear):
                 f" but the layer has {units} output units"
             )
 
+    def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
+        """The renormalised value (DoRA has no cheaper path)."""
+        return self.reference(w, None, rows, code).value
+
     def factor(self, v: torch.Tensor) -> torch.Tensor:
         """``m / ||v||`` per output unit, shaped to broadcast over the stored tensor."""
         import torch
@@ -313,7 +342,7 @@ class LoraDora(LoraLinear):
         return shaped
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """``m / ||W + delta|| * (W + delta)``, bounded for fp32 norms and stored-dtype factors.
 
@@ -389,7 +418,7 @@ class LoraBias(Edit):
         return self.settings.alternatives()
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """``b + s * lora_B.bias``: the delta may round to the stored dtype (1.5 ulp)."""
         delta = self.load(self.key, w.dtype)[rows] * self.scale

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness.deltas.base import Edit, Step, Target, oriented_rows, outer_norms
+from harness.deltas.base import Edit, Rows, Step, Target, oriented_rows, outer_norms
 from harness.deltas.lora import DELTA_ULPS, LoraScale
 from harness.errors import AdapterError, UnsupportedAdapterError
 from harness.ulp import U32, compute_roundoff, gamma, ulp
@@ -60,7 +60,7 @@ class Loha(_Lycoris):
     kind: ClassVar[str] = "loha"
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """Both rank-``r`` products carry ``γ_r`` error each (in the merge and here)."""
         d = w.dtype
@@ -109,7 +109,7 @@ class Lokr(_Lycoris):
         return a @ b, error
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """Errors in the factors propagate through the Kronecker product."""
         import torch

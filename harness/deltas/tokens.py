@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness.deltas.base import Edit, Step, Target
+from harness.deltas.base import Edit, Rows, Step, Target, row_positions
 from harness.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Copy(Edit):
         return "saved base_layer copy" if self.courtesy else "modules_to_save copy"
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """The saved copy itself: exact, so the only error left is the final rounding."""
         import torch
@@ -91,19 +91,19 @@ class TokenRows(Edit):
         return f"{self.kind} {len(self.indices)} rows"
 
     def reference(
-        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: slice, code: str
+        self, w: torch.Tensor, incoming: torch.Tensor | None, rows: Rows, code: str
     ) -> Step:
         """The block with the trainable rows replaced; those rows become exact."""
         import torch
 
-        start, stop, _ = rows.indices(self.info.shape[0])
+        where = row_positions(rows, self.info.shape[0])
         saved = self.load(self.key, w.dtype)
         value = w.clone()
         bound = torch.zeros_like(w) if incoming is None else incoming.clone()
         for position, index in enumerate(self.indices):
-            if start <= index < stop:
-                value[index - start] = saved[position]
-                bound[index - start] = 0
+            if index in where:
+                value[where[index]] = saved[position]
+                bound[where[index]] = 0
         return Step(value, bound)
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
