@@ -56,10 +56,14 @@ ENV_VARS = {
     "pytest_args": "MERGE_HARNESS_PYTEST_ARGS",
 }
 
-#: Variables the pytest child must not see: the gate command alone talks to GitHub, so
-#: annotations and the summary appear once even if the plugin also knows how to emit them.
+#: Title of the annotations about the run as a whole (not about one check).
 GATE_TITLE = "merge-harness gate"
 
+#: The lock file's name when none is given (``harness.lock.DEFAULT_LOCK``, beside the config).
+DEFAULT_LOCK_NAME = "merge-harness.lock"
+
+#: Variables the pytest child must not see: the gate command alone talks to GitHub, so
+#: annotations and the summary appear once even if the plugin also knows how to emit them.
 _GITHUB_ONLY = ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -99,6 +103,9 @@ class GateRun:
     #: The markdown for the step summary (the plugin's, or a note when pytest wrote none).
     summary: str
     paths: dict[str, Path]
+    #: The lock file this run compared with (None: no lock in play).
+    lock_file: Path | None = None
+    #: Whether the run rewrote the lock file's bytes (None: unknown or no lock).
     lock_changed: bool | None = None
 
     @property
@@ -232,6 +239,24 @@ def _child_env(env: Mapping[str, str]) -> dict[str, str]:
     return child
 
 
+def lock_candidates(request: GateRequest) -> list[Path]:
+    """Where the run's lock file may be: the one given, or the defaults beside the config."""
+    if request.lock:
+        return [Path(request.lock).absolute()]
+    folders = [Path.cwd()]
+    if request.config:
+        folders.insert(0, Path(request.config).absolute().parent)
+    return [folder / DEFAULT_LOCK_NAME for folder in folders]
+
+
+def _lock_file(request: GateRequest, report: Mapping[str, Any] | None) -> Path | None:
+    """The lock file of the run: as given, else as the report names it (when one applied)."""
+    if request.lock:
+        return Path(request.lock).absolute()
+    path = ((report or {}).get("lock") or {}).get("path")
+    return Path(path).absolute() if path else None
+
+
 def _file_digest(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -282,7 +307,7 @@ def run_gate(
     for path in paths.values():
         # A stale report of an earlier run must never be published as this run's.
         path.unlink(missing_ok=True)
-    lock_before = _file_digest(Path(request.lock)) if request.lock else None
+    locks_before = {path: _file_digest(path) for path in lock_candidates(request)}
 
     command = pytest_command(request)
     out.write(f"merge-harness gate: {shlex.join(command)}\n")
@@ -303,10 +328,11 @@ def run_gate(
         summary = paths["summary"].read_text(encoding="utf-8")
     except OSError:
         summary = render_summary(report, exit_code, paths)
+    lock_file = _lock_file(request, report)
     lock_changed = None
-    if request.lock:
-        lock_changed = _file_digest(Path(request.lock)) != lock_before
-    run = GateRun(exit_code, report, summary, paths, lock_changed)
+    if lock_file is not None and lock_file in locks_before:
+        lock_changed = _file_digest(lock_file) != locks_before[lock_file]
+    run = GateRun(exit_code, report, summary, paths, lock_file, lock_changed)
     if in_actions:
         publish(run, request, environ, out)
     verdict = "passed" if exit_code == 0 else f"failed (pytest exit status {exit_code})"
@@ -315,9 +341,7 @@ def run_gate(
     return run
 
 
-def annotation_lines(
-    run: GateRun, request: GateRequest, env: Mapping[str, str] | None = None
-) -> list[str]:
+def annotation_lines(run: GateRun, env: Mapping[str, str] | None = None) -> list[str]:
     """The annotation lines of a run, from its JSON report.
 
     One per check that did not pass (a lock check is anchored to the lock file); when the gate
@@ -334,7 +358,7 @@ def annotation_lines(
             title=GATE_TITLE,
         )]
     lock = run.report.get("lock") or {}
-    lock_file = _workspace_path(lock.get("path") or request.lock, env)
+    lock_file = _workspace_path(str(run.lock_file) if run.lock_file else None, env)
     files = {
         str(check.get("id")): lock_file
         for check in run.report.get("checks", [])
@@ -375,7 +399,7 @@ def publish(
     run: GateRun, request: GateRequest, env: Mapping[str, str], stream: TextIO
 ) -> None:
     """Annotations on stdout, the summary into the step summary, outputs into the step outputs."""
-    github.emit(annotation_lines(run, request, env), stream)
+    github.emit(annotation_lines(run, env), stream)
     github.append_summary(run.summary, env)
     outputs: dict[str, object] = {
         "outcome": run.outcome,
@@ -384,8 +408,8 @@ def publish(
     }
     for name, path in run.paths.items():
         outputs[name] = path if path.exists() else ""
-    if request.lock:
-        outputs["lock-file"] = Path(request.lock).absolute()
+    if run.lock_file is not None:
+        outputs["lock-file"] = run.lock_file
         outputs["lock-changed"] = "true" if run.lock_changed else "false"
     github.write_outputs(outputs, env)
 
@@ -398,6 +422,7 @@ def run(namespace: argparse.Namespace) -> int:
         sys.stderr.write(f"merge-harness gate: error: {exc}\n")
         if github.in_actions():
             github.emit([github.annotation("error", str(exc), title=GATE_TITLE)])
+            github.append_summary(f"## merge-harness: gate not run\n\n{exc}\n")
             github.write_outputs({"outcome": "failed", "exit-code": 4})
         return 4
     return run_gate(request).exit_code

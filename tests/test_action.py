@@ -101,8 +101,9 @@ class Approved:
         with pytest.MonkeyPatch.context() as patch:
             patch.chdir(self.workspace)
             request = action.request_from_args(parse(
-                *map(str, inputs(merges.merged, merges)), "--lock", "merge-harness.lock",
-                "--update-lock", "--report-dir", "reports", *FAST,
+                # No --lock: the default one in the working directory, named by the report.
+                *map(str, inputs(merges.merged, merges)), "--update-lock",
+                "--report-dir", "reports", *FAST,
             ), env)
             self.run = action.run_gate(request, env=env, stream=stream)
         self.stdout = stream.getvalue()
