@@ -59,9 +59,6 @@ ENV_VARS = {
 #: Title of the annotations about the run as a whole (not about one check).
 GATE_TITLE = "merge-harness gate"
 
-#: The lock file's name when none is given (``harness.lock.DEFAULT_LOCK``, beside the config).
-DEFAULT_LOCK_NAME = "merge-harness.lock"
-
 #: Variables the pytest child must not see: the gate command alone talks to GitHub, so
 #: annotations and the summary appear once even if the plugin also knows how to emit them.
 _GITHUB_ONLY = ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT")
@@ -241,12 +238,14 @@ def _child_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def lock_candidates(request: GateRequest) -> list[Path]:
     """Where the run's lock file may be: the one given, or the defaults beside the config."""
+    from harness.config import DEFAULT_LOCK
+
     if request.lock:
         return [Path(request.lock).absolute()]
     folders = [Path.cwd()]
     if request.config:
         folders.insert(0, Path(request.config).absolute().parent)
-    return [folder / DEFAULT_LOCK_NAME for folder in folders]
+    return [folder / DEFAULT_LOCK for folder in folders]
 
 
 def _lock_file(request: GateRequest, report: Mapping[str, Any] | None) -> Path | None:
