@@ -676,11 +676,15 @@ def _write_table() -> Iterator[None]:
     yield
     target = os.environ.get("MERGE_HARNESS_BADINPUT_TABLE")
     if target and SEEN:
-        rows = ["| input | bad input | exit | what the user sees |", "|---|---|---|---|"]
+        rows = ["| input | bad input | exit | failing check | what the user sees |",
+                "|---|---|---|---|---|"]
         for case in CASES:
             if case.id in SEEN:
                 text = SEEN[case.id].replace("|", "\\|")
-                rows.append(f"| {case.input} | {case.what} | {case.status} | `{text}` |")
+                check = f"`{case.check}`" if case.check else "(usage error)"
+                rows.append(
+                    f"| {case.input} | {case.what} | {case.status} | {check} | `{text}` |"
+                )
         Path(target).write_text("\n".join(rows) + "\n")
 
 
@@ -882,3 +886,24 @@ def _passed(message: str) -> Any:
 
     return CheckResult.passed(message)
 
+
+
+def test_hf_cache_snapshot_symlinks_are_followed(tmp_path: Path, tiny_llama):
+    """A Hugging Face cache snapshot (files are symlinks into ../../blobs) opens; a symlink
+    from the same snapshot to anywhere else is still refused."""
+    repo = tmp_path / "models--tiny--llama"
+    snapshot_dir = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot_dir.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        blob = repo / "blobs" / f"blob-{name}"
+        shutil.copy(tiny_llama.merged / name, blob)
+        (snapshot_dir / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    checkpoint = Checkpoint.open(snapshot_dir)
+    assert len(checkpoint.tensors) == 21 and checkpoint.config is not None
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("{}")
+    (snapshot_dir / "config.json").unlink()
+    (snapshot_dir / "config.json").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="symlink resolves outside its folder"):
+        Checkpoint.open(snapshot_dir)
