@@ -12,7 +12,10 @@ import safetensors.torch  # noqa: F401
 import torch
 import torch._dynamo  # noqa: F401
 import transformers  # noqa: F401
-from hypothesis import HealthCheck, settings
+
+# The settings profiles merge-harness-ci / merge-harness-dev are public: harness.strategies
+# registers them on import (derived from hypothesis' built-in "ci" profile).
+from harness.strategies import load_profile
 
 pytest_plugins = ["pytester"]
 
@@ -20,21 +23,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-settings.register_profile(
-    "merge-harness-ci",
-    parent=settings.get_profile("ci"),
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-settings.register_profile(
-    "merge-harness-dev",
-    max_examples=10,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-settings.load_profile(
-    os.environ.get(
-        "HYPOTHESIS_PROFILE", "merge-harness-ci" if os.environ.get("CI") else "merge-harness-dev"
-    )
-)
+load_profile()

@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "security": "harness.security",
     "weights": "harness.weights",
     "hash": "harness.digest",
+    "behaviour": "harness.behaviour",
     "lock": "harness.lock",
     "benchmark": "harness.benchmark",
 }

@@ -12,10 +12,26 @@ from typing import Any
 
 import pytest
 
+from harness.plugin.fixtures import (
+    adapter_model,
+    base_model,
+    merge_case,
+    merged_model,
+    tiny_merge_factory,
+)
 from harness.plugin.options import add_options, read_options, wanted
 from harness.plugin.state import STATE_KEY, State
 
-__all__ = ["pytest_addoption", "pytest_configure", "pytest_configure_node"]
+__all__ = [
+    "adapter_model",
+    "base_model",
+    "merge_case",
+    "merged_model",
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_configure_node",
+    "tiny_merge_factory",
+]
 
 _MARKERS = {
     "merge_harness": "a built-in merge-harness check",

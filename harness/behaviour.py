@@ -1,0 +1,896 @@
+"""Behaviour checks: the merged model computes what the unmerged adapter model computes.
+
+Three models run on the same inputs:
+
+- **M**, the merged model, loaded from its own folder with the task's ``AutoModelFor*`` class
+  exactly as a user would (so config-level faults such as re-tied embeddings, a head the class
+  never builds, or missing weights show), in the comparison dtype ``C`` (``--merge-dtype``, by
+  default the dtype the merged checkpoint stores);
+- **A**, the unmerged adapter model (``PeftModel`` on the base) in ``C`` (or in the stored dtype
+  when ``C`` is more precise: the merged weights carry that dtype's rounding, A's do not);
+- **R**, the reference: base upcast + adapter, unmerged, in float32 — in float64 when A runs in
+  float32, so that even an fp32 A has a measurable rounding noise of its own.
+
+On a probe input each model's deviation from R is measured over the non-padded positions (max
+and mean ``|Δlogit|``, KL divergence, top-1/top-k agreement). A merge is correct when M is no
+further from R than rounding noise, and A's deviation *is* rounding noise in that dtype. So the
+check passes a probe when::
+
+    max|M-R|  <= C_MAX  * max(max|A-R|,  noise_max)  + eps(C) * max|R|
+    mean|M-R| <= C_MEAN * max(mean|A-R|, noise_mean) + eps(C) * max|R|
+
+``noise_*`` are A's deviations on a fixed full-size calibration probe (A's noise on one short
+input can be very small by chance; the calibration floor keeps the ratio meaningful), and the
+last term is one unit of the comparison dtype at the logit scale (so equal outputs always pass).
+``C_MAX`` and ``C_MEAN`` were calibrated on thousands of probes of correct merges (see
+``CALIBRATION``); they are printed with every result. Hypothesis draws the probes
+(``--merge-examples``, derandomised) and shrinks a failure to a minimal input, which the message
+shows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from harness.context import Context, Options
+from harness.errors import HarnessError
+from harness.probe import ProbeInput, ProbeSpace, pad_rows
+from harness.result import Check, CheckResult, Kind, Outcome
+
+if TYPE_CHECKING:
+    import torch
+
+#: Allowed ratio of M's to A's max |Δlogit| (see CALIBRATION).
+C_MAX = 8.0
+#: Allowed ratio of M's to A's mean |Δlogit| (see CALIBRATION).
+C_MEAN = 6.0
+#: How the constants were obtained (printed in the details of every result).
+CALIBRATION = (
+    "C_MAX, C_MEAN: 1.5x the largest ratio seen over correct merges (llama, qwen2, gpt2, mistral;"
+    " fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns) on hypothesis probes"
+)
+#: Largest probe drawn: rows and tokens per row.
+PROBE_BATCH = 4
+PROBE_LENGTH = 32
+#: Greedy decoding: new tokens per prompt, prompts, and the texts used when a tokenizer loads.
+GENERATE_TOKENS = 16
+PROMPT_TEXTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Question: What is 12 plus 7?\nAnswer:",
+)
+#: Stop shrinking a failure after this many evaluations or seconds (the smallest failing input
+#: seen so far is reported).
+SHRINK_EVALUATIONS = 200
+SHRINK_SECONDS = 120.0
+#: k of the top-k agreement figure.
+TOP_K = 5
+#: Outputs that are probability logits (KL and top-k apply); hidden states are compared by value.
+_PROBABILISTIC = frozenset({"CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "MASKED_LM", "QUESTION_ANS"})
+_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_MANTISSA = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7}
+
+
+# ---- setup: task, dtypes, probe space ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the behaviour checks compare, resolved once per run."""
+
+    task: str
+    #: dtype the merged checkpoint stores (dominant floating dtype by bytes).
+    stored: str
+    #: dtype M runs in.
+    compare: str
+    #: dtype A runs in.
+    adapter: str
+    #: dtype R runs in.
+    reference: str
+    space: ProbeSpace
+    device: str
+    #: config keys of a classification head passed when loading the base (labels, pad id).
+    head: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line naming the models and dtypes."""
+        return (
+            f"task {self.task}; merged in {self.compare} (stored {self.stored}), adapter model in"
+            f" {self.adapter}, reference in {self.reference}; device {self.device}"
+        )
+
+
+def missing_libraries() -> str | None:
+    """Why forward passes cannot run here, or None when transformers and peft are installed."""
+    absent = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if absent:
+        return f"{' and '.join(absent)} not installed (pip install 'pytest-merge-harness[models]')"
+    return None
+
+
+def _stored_dtype(ctx: Context) -> str:
+    sizes: dict[str, int] = {}
+    for info in ctx.merged().tensors.values():
+        if info.dtype in _MANTISSA:
+            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
+
+
+def _less_precise(a: str, b: str) -> str:
+    return a if _MANTISSA[a] <= _MANTISSA[b] else b
+
+
+def setup(ctx: Context) -> Setup:
+    """Resolve the task, dtypes and probe space (cached in the context)."""
+    return ctx.memo("behaviour:setup", lambda: _setup(ctx))
+
+
+def _setup(ctx: Context) -> Setup:
+    from harness.loading import read_config, task_of
+
+    options = ctx.options
+    if options.merged is None:
+        raise HarnessError("no merged model: pass --merged-model PATH")
+    config = read_config(options.merged)
+    adapter_config = ctx.adapter().config if ctx.has_adapter else None
+    task = task_of(adapter_config, config)
+    stored = _stored_dtype(ctx)
+    compare = options.dtype or stored
+    if compare not in _MANTISSA:
+        raise HarnessError(f"--merge-dtype {compare}: forward passes run in F64, F32, BF16 or F16")
+    adapter = _less_precise(compare, stored)
+    reference = "F64" if _MANTISSA[adapter] >= _MANTISSA["F32"] else "F32"
+    head: dict[str, Any] = {
+        k: config[k]
+        for k in ("num_labels", "id2label", "label2id", "pad_token_id")
+        if k in config and task in ("SEQ_CLS", "TOKEN_CLS")
+    }
+    if "id2label" in head:
+        head["num_labels"] = len(head["id2label"])
+    space = ProbeSpace.from_config(
+        config,
+        task=task,
+        extra_special=_tokenizer_specials(options),
+        max_length=PROBE_LENGTH,
+        max_batch=PROBE_BATCH,
+    )
+    return Setup(task, stored, compare, adapter, reference, space, options.device, head)
+
+
+def _tokenizer_specials(options: Options) -> tuple[int, ...]:
+    """Special-token ids of the merged folder's tokenizer (probes draw them too)."""
+    tokenizer = _tokenizer(options)
+    if tokenizer is None:
+        return ()
+    ids = getattr(tokenizer, "all_special_ids", None) or []
+    return tuple(int(i) for i in ids if isinstance(i, int))
+
+
+def _tokenizer(options: Options) -> Any:
+    from harness.sidecars import SIDECAR_FILES
+
+    folder = options.merged
+    if folder is None or not any((folder / n).is_file() for n in SIDECAR_FILES[1:]):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        from harness.loading import offline, quiet
+
+        offline()
+        with quiet():
+            return AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=options.trust_remote_code
+            )
+    except Exception:  # a tokenizer that does not load only costs the text prompts
+        return None
+
+
+# ---- models (memoised per context, freed when the behaviour checks are done) ----------------
+
+
+class _Failed:
+    def __init__(self, error: HarnessError) -> None:
+        self.error = error
+
+
+def _held(ctx: Context, key: str, load: Callable[[], Any]) -> Any:
+    """Load a model once per context; a load failure is remembered like ``Context.memo``."""
+    cache: dict[str, Any] = ctx.memo("behaviour:models", dict)
+    if key not in cache:
+        try:
+            cache[key] = load()
+        except HarnessError as exc:
+            cache[key] = _Failed(exc)
+    value = cache[key]
+    if isinstance(value, _Failed):
+        raise value.error
+    return value
+
+
+def release_models(ctx: Context) -> None:
+    """Drop the context's models (fixtures that hold one keep theirs alive)."""
+    cache: dict[str, Any] = ctx.memo("behaviour:models", dict)
+    cache.clear()
+    if ctx.options.device.startswith("cuda"):
+        # cycles inside the models would keep device memory until the next collection
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, _DTYPES[code])
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def merged_model(ctx: Context) -> Any:
+    """M: the merged checkpoint loaded from its folder as a user would, in the compare dtype."""
+    return merged_loaded(ctx)[0]
+
+
+def merged_loaded(ctx: Context) -> tuple[Any, dict[str, Any]]:
+    """M and transformers' load info (missing and unexpected keys)."""
+    from harness.loading import load_pretrained
+
+    s = setup(ctx)
+    merged = ctx.options.merged
+    assert merged is not None
+    result: tuple[Any, dict[str, Any]] = _held(
+        ctx,
+        "merged",
+        lambda: load_pretrained(
+            merged,
+            s.task,
+            dtype=_torch_dtype(s.compare),
+            device=s.device,
+            trust_remote_code=ctx.options.trust_remote_code,
+        ),
+    )
+    return result
+
+
+def _needs_pair(ctx: Context) -> tuple[Any, Any]:
+    options = ctx.options
+    if options.base is None or options.adapter is None:
+        raise HarnessError("needs --base-model and --adapter")
+    return options.base, options.adapter
+
+
+def adapter_model(ctx: Context) -> Any:
+    """A: the unmerged adapter model (PeftModel on the base) in the adapter dtype."""
+    from harness.loading import load_peft
+
+    s = setup(ctx)
+    base, adapter = _needs_pair(ctx)
+    return _held(
+        ctx,
+        "adapter",
+        lambda: load_peft(
+            base,
+            adapter,
+            s.task,
+            dtype=_torch_dtype(s.adapter),
+            device=s.device,
+            trust_remote_code=ctx.options.trust_remote_code,
+            head=s.head,
+        ),
+    )
+
+
+def reference_model(ctx: Context) -> Any:
+    """R: base upcast + adapter, unmerged, in float32 (float64 when A runs in float32).
+
+    Made by upcasting a copy of A: A holds the base weights as stored and the adapter weights
+    in float32 (peft's autocast), so the upcast copy has exactly the values loading the base in
+    the reference dtype would give, at a fraction of the cost of a second load.
+    """
+    import copy
+
+    s = setup(ctx)
+    adapter = adapter_model(ctx)
+    return _held(ctx, "reference", lambda: copy.deepcopy(adapter).to(_torch_dtype(s.reference)))
+
+
+def base_model(ctx: Context) -> Any:
+    """The base model alone (no adapter), in the adapter dtype."""
+    from harness.loading import load_pretrained
+
+    s = setup(ctx)
+    base = ctx.options.base
+    if base is None:
+        raise HarnessError("needs --base-model")
+    return _held(
+        ctx,
+        "base",
+        lambda: load_pretrained(
+            base,
+            s.task,
+            dtype=_torch_dtype(s.adapter),
+            device=s.device,
+            trust_remote_code=ctx.options.trust_remote_code,
+            head=s.head,
+        )[0],
+    )
+
+
+# ---- measuring -------------------------------------------------------------------------
+
+
+def outputs(model: Any, probe: ProbeInput, task: str, device: str) -> torch.Tensor:
+    """The model's outputs on ``probe`` at the non-padded positions, as float64 ``(rows, K)``.
+
+    Per-token outputs (LM logits, token classes, hidden states) keep only positions whose mask
+    is 1; per-sequence outputs (classification logits) keep every row.
+    """
+    import torch
+
+    batch = probe.tensors(device)
+    with torch.inference_mode():
+        out = model(**batch)
+    if task == "QUESTION_ANS":
+        values = torch.stack([out.start_logits, out.end_logits], dim=-1)
+    elif getattr(out, "logits", None) is not None:
+        values = out.logits
+    else:
+        values = out.last_hidden_state
+    values = values.detach().to(torch.float64)
+    if values.dim() == 3:
+        # (batch, length, K)[mask] -> (tokens, K)
+        values = values[batch["attention_mask"].bool()]
+    return values.reshape(values.shape[0], -1).cpu()
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """How far one model's outputs are from the reference's on one probe."""
+
+    max_abs: float
+    mean_abs: float
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    top1: float | None = None
+    topk: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        """JSON-able figures."""
+        return {k: _round(v) for k, v in self.__dict__.items()}
+
+
+def _round(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return value
+    return float(f"{value:.4g}")
+
+
+def deviation(values: torch.Tensor, reference: torch.Tensor, probabilistic: bool) -> Deviation:
+    """|Δ| statistics, and for logits KL(R || x) and top-1 / top-k agreement, over rows."""
+    import torch
+
+    diff = (values - reference).abs()
+    finite = bool(torch.isfinite(values).all())
+    max_abs = float(diff.max()) if finite else math.inf
+    mean_abs = float(diff.mean()) if finite else math.inf
+    if not probabilistic or not finite:
+        return Deviation(max_abs, mean_abs)
+    log_r = torch.log_softmax(reference, dim=-1)
+    log_x = torch.log_softmax(values, dim=-1)
+    # KL(R || x) per row: sum_j p_R (log p_R - log p_x)
+    kl = (log_r.exp() * (log_r - log_x)).sum(dim=-1).clamp_min(0.0)
+    k = min(TOP_K, reference.shape[-1])
+    top_r = reference.topk(k, dim=-1).indices
+    top_x = values.topk(k, dim=-1).indices
+    top1 = float((top_r[:, 0] == top_x[:, 0]).double().mean())
+    # fraction of R's top-k tokens that x also ranks in its top-k
+    overlap = (top_r.unsqueeze(-1) == top_x.unsqueeze(-2)).any(-1).double().mean()
+    return Deviation(max_abs, mean_abs, float(kl.mean()), float(kl.max()), top1, float(overlap))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The pass rule: M's deviation within ``c`` times A's (floored by calibration) plus a ULP."""
+
+    c_max: float
+    c_mean: float
+    noise_max: float
+    noise_mean: float
+    eps: float
+
+    def limits(self, adapter: Deviation, scale: float) -> tuple[float, float]:
+        """Allowed max and mean |Δ| of M on a probe where A deviates by ``adapter``."""
+        floor = self.eps * scale
+        return (
+            self.c_max * max(adapter.max_abs, self.noise_max) + floor,
+            self.c_mean * max(adapter.mean_abs, self.noise_mean) + floor,
+        )
+
+    def describe(self) -> str:
+        """The rule with its figures."""
+        return (
+            f"allowed: max|M-R| <= {self.c_max:g} x max(max|A-R|, {self.noise_max:.3g}) +"
+            f" eps x max|R|, mean|M-R| <= {self.c_mean:g} x max(mean|A-R|,"
+            f" {self.noise_mean:.3g}) + eps x max|R| (eps = {self.eps:.3g})"
+        )
+
+    def to_json(self) -> dict[str, float]:
+        """JSON-able figures."""
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One probe's measurement and verdict."""
+
+    probe: ProbeInput
+    merged: Deviation
+    adapter: Deviation
+    scale: float
+    allowed_max: float
+    allowed_mean: float
+
+    @property
+    def ok(self) -> bool:
+        """Whether M is within tolerance on this probe (NaN never is)."""
+        return self.merged.max_abs <= self.allowed_max and self.merged.mean_abs <= self.allowed_mean
+
+    @property
+    def ratio(self) -> float:
+        """How much of the allowance M uses (>1 fails): the larger of the two criteria."""
+        return max(
+            _ratio(self.merged.max_abs, self.allowed_max),
+            _ratio(self.merged.mean_abs, self.allowed_mean),
+        )
+
+    def explain(self) -> str:
+        """The figures of this probe in one line."""
+        return (
+            f"max|M-R| {self.merged.max_abs:.3g} (allowed {self.allowed_max:.3g}; A"
+            f" {self.adapter.max_abs:.3g}), mean|M-R| {self.merged.mean_abs:.3g} (allowed"
+            f" {self.allowed_mean:.3g}; A {self.adapter.mean_abs:.3g}), logit scale"
+            f" {self.scale:.3g}" + _agreement(self.merged, self.adapter)
+        )
+
+
+def _agreement(merged: Deviation, adapter: Deviation) -> str:
+    if merged.top1 is None or adapter.top1 is None:
+        return ""
+    return (
+        f", top-1 agreement {merged.top1:.1%} (A {adapter.top1:.1%}), KL"
+        f" {merged.kl_mean or 0:.2g} (A {adapter.kl_mean or 0:.2g})"
+    )
+
+
+def _ratio(value: float, allowed: float) -> float:
+    if math.isnan(value):
+        return math.inf
+    if allowed <= 0:
+        return 0.0 if value <= 0 else math.inf
+    return value / allowed
+
+
+class Comparer:
+    """Runs M, A and R on probes and judges each against the calibrated tolerance."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.setup = setup(ctx)
+        self.merged = merged_model(ctx)
+        self.adapter = adapter_model(ctx)
+        self.reference = reference_model(ctx)
+        self.probabilistic = self.setup.task in _PROBABILISTIC
+        calibration = self.setup.space.calibration_probe()
+        ref = self._run(self.reference, calibration)
+        noise = deviation(self._run(self.adapter, calibration), ref, self.probabilistic)
+        self.tolerance = Tolerance(
+            C_MAX,
+            C_MEAN,
+            noise.max_abs if math.isfinite(noise.max_abs) else 0.0,
+            noise.mean_abs if math.isfinite(noise.mean_abs) else 0.0,
+            2.0 ** -_MANTISSA[self.setup.compare],
+        )
+        self.calibration = calibration
+
+    def _run(self, model: Any, probe: ProbeInput) -> torch.Tensor:
+        return outputs(model, probe, self.setup.task, self.setup.device)
+
+    def measure(self, probe: ProbeInput) -> Figures:
+        """M's and A's deviations from R on ``probe``, and the verdict."""
+        ref = self._run(self.reference, probe)
+        merged = deviation(self._run(self.merged, probe), ref, self.probabilistic)
+        adapter = deviation(self._run(self.adapter, probe), ref, self.probabilistic)
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        allowed_max, allowed_mean = self.tolerance.limits(adapter, scale)
+        return Figures(probe, merged, adapter, scale, allowed_max, allowed_mean)
+
+
+# ---- the property search -------------------------------------------------------------------
+
+
+@dataclass
+class Search:
+    """The outcome of a hypothesis search for a probe on which M is out of tolerance."""
+
+    examples: list[Figures] = field(default_factory=list)
+    minimal: Figures | None = None
+    evaluations: int = 0
+    note: str = ""
+
+    @property
+    def worst(self) -> Figures | None:
+        """The generated probe that used most of its allowance."""
+        return max(self.examples, key=lambda f: f.ratio, default=None)
+
+
+def _size(probe: ProbeInput) -> tuple[int, int, int, int]:
+    return (probe.tokens, probe.batch, probe.length, sum(sum(r) for r in probe.input_ids))
+
+
+def search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: int) -> Search:
+    """Draw up to ``examples`` probes; on a failure shrink it to a minimal failing probe.
+
+    Derandomised (the same inputs every run). Shrinking stops after ``SHRINK_EVALUATIONS``
+    evaluations or ``SHRINK_SECONDS``; the smallest failing probe seen so far is then reported.
+    Called from inside a user's own ``@given`` test, the search runs in a worker thread of its
+    own: it is an independent property run, not a nested one (hypothesis keeps its test context
+    per thread). The worker is reused, since hypothesis sets up each new thread with a full
+    garbage collection.
+    """
+    from hypothesis.control import currently_in_test_context
+
+    if not currently_in_test_context():
+        return _search(measure, strategy, examples)
+    found: Search = _worker().submit(_search, measure, strategy, examples).result()
+    return found
+
+
+_WORKER: list[Any] = []
+
+
+def _worker() -> Any:
+    """The one thread that runs searches requested from inside a hypothesis test."""
+    if not _WORKER:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-harness-search"))
+    return _WORKER[0]
+
+
+def _search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: int) -> Search:
+    from hypothesis import HealthCheck, Phase, Verbosity, find, settings
+    from hypothesis.errors import HypothesisException, NoSuchExample
+
+    result = Search()
+    failing: dict[ProbeInput, Figures] = {}
+    state = {"first_failure": 0.0, "exhausted": False}
+
+    def fails(probe: ProbeInput) -> bool:
+        if state["exhausted"]:
+            # out of budget: only already-known failures count, so shrinking ends at once
+            return probe in failing
+        figures = measure(probe)
+        result.evaluations += 1
+        if not failing:
+            result.examples.append(figures)
+        if figures.ok:
+            return False
+        if not failing:
+            state["first_failure"] = time.perf_counter()
+        failing[probe] = figures
+        spent = time.perf_counter() - state["first_failure"]
+        if len(failing) and (
+            result.evaluations > SHRINK_EVALUATIONS + examples or spent > SHRINK_SECONDS
+        ):
+            state["exhausted"] = True
+            result.note = "shrinking stopped early (budget spent); smallest failure so far shown"
+        return True
+
+    config = settings(
+        parent=settings.get_profile("ci"),
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        derandomize=True,
+        phases=(Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        report_multiple_bugs=False,
+    )
+    from harness.offline import private_hypothesis_storage
+
+    try:
+        with private_hypothesis_storage():  # no .hypothesis/ in the user's folder
+            found = find(strategy, fails, settings=config)
+        result.minimal = failing.get(found) or measure(found)
+    except NoSuchExample:
+        result.minimal = None
+    except HypothesisException as exc:  # e.g. flaky outputs on a nondeterministic device
+        if not failing:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HarnessError(f"the probe search stopped: {type(exc).__name__}: {first}") from None
+        result.minimal = failing[min(failing, key=_size)]
+        result.note = f"hypothesis stopped shrinking ({type(exc).__name__})"
+    if result.minimal is None and failing:
+        result.minimal = failing[min(failing, key=_size)]
+    return result
+
+
+# ---- the checks ------------------------------------------------------------------------------
+
+
+def _skip_reason(ctx: Context, *, pair: bool) -> str | None:
+    reason = missing_libraries()
+    if reason:
+        return reason
+    if pair and (not ctx.has_base or not ctx.has_adapter):
+        missing = " and ".join(
+            flag
+            for flag, present in (("--base-model", ctx.has_base), ("--adapter", ctx.has_adapter))
+            if not present
+        )
+        return (
+            f"needs {missing} to build the unmerged adapter model (merged alone:"
+            " behaviour::loads checks it loads and gives finite outputs)"
+        )
+    return None
+
+
+def check_loads(ctx: Context) -> CheckResult:
+    """The merged folder loads with the task's auto class, fully, and gives finite outputs."""
+    import torch
+
+    reason = _skip_reason(ctx, pair=False)
+    if reason:
+        return CheckResult.skipped(reason)
+    s = setup(ctx)
+    model, info = merged_loaded(ctx)
+    name = type(model).__name__
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        return CheckResult.failed(
+            f"{name} initialised {len(missing)} weight(s) randomly because the merged checkpoint"
+            f" lacks them: {shown}",
+            [s.describe()],
+            missing_keys=missing,
+        )
+    probe = s.space.calibration_probe()
+    values = outputs(model, probe, s.task, s.device)
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        return CheckResult.failed(
+            f"{name} gives {bad} non-finite output value(s) of {values.numel()} on a"
+            f" {probe.batch}x{probe.length} probe (overflow in {s.compare}?)",
+            [s.describe(), f"probe: {probe.describe()}"],
+            nonfinite=bad,
+        )
+    unexpected = list(info.get("unexpected_keys", []))
+    message = (
+        f"loads as {name} ({s.compare}, {s.device}); outputs finite on a"
+        f" {probe.batch}x{probe.length} probe"
+    )
+    if unexpected:
+        return CheckResult(
+            Outcome.WARNING,
+            message + f"; {len(unexpected)} stored tensor(s) unused by {name}:"
+            f" {', '.join(unexpected[:3])}",
+            [s.describe()],
+            {"unexpected_keys": unexpected},
+        )
+    return CheckResult.passed(message, task=s.task, dtype=s.compare, model_class=name)
+
+
+def check_equivalence(ctx: Context) -> CheckResult:
+    """On hypothesis probes, M deviates from R no more than A's rounding noise allows."""
+    reason = _skip_reason(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
+    comparer = Comparer(ctx)
+    strategy = comparer.setup.space.strategy()
+    found = search(comparer.measure, strategy, ctx.options.examples)
+    return equivalence_result(comparer, found)
+
+
+def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
+    """The equivalence check's result from a finished search."""
+    s, tol = comparer.setup, comparer.tolerance
+    details = [s.describe(), tol.describe(), CALIBRATION]
+    metrics: dict[str, Any] = {
+        "probes": len(found.examples),
+        "evaluations": found.evaluations,
+        "tolerance": tol.to_json(),
+        "setup": {
+            "task": s.task,
+            "stored": s.stored,
+            "compare": s.compare,
+            "adapter": s.adapter,
+            "reference": s.reference,
+            "device": s.device,
+        },
+    }
+    if found.minimal is not None:
+        bad = found.minimal
+        times = _ratio(bad.merged.max_abs, max(bad.adapter.max_abs, tol.noise_max))
+        metrics.update(
+            minimal_input=bad.probe.to_json(),
+            merged=bad.merged.to_json(),
+            adapter=bad.adapter.to_json(),
+        )
+        details[:0] = [f"minimal failing input: {bad.probe.describe()}", bad.explain()]
+        if found.note:
+            details.append(found.note)
+        if bad.merged.max_abs > bad.allowed_max:
+            what = f"max|Δ| {bad.merged.max_abs:.3g} > allowed {bad.allowed_max:.3g}"
+        else:
+            what = f"mean|Δ| {bad.merged.mean_abs:.3g} > allowed {bad.allowed_mean:.3g}"
+        return CheckResult.failed(
+            f"merged model deviates from the {s.reference} reference {times:.3g}x more than the"
+            f" unmerged adapter model ({what}) on {bad.probe.describe(160)}",
+            details,
+            **metrics,
+        )
+    worst = found.worst
+    if worst is None:
+        raise HarnessError("no probe input was evaluated (hypothesis drew none)")
+    m_max = max(f.merged.max_abs for f in found.examples)
+    a_max = max(f.adapter.max_abs for f in found.examples)
+    metrics.update(
+        worst_ratio=_round(worst.ratio), merged_max_abs=_round(m_max), adapter_max_abs=_round(a_max)
+    )
+    agree = ""
+    top1 = [f.merged.top1 for f in found.examples if f.merged.top1 is not None]
+    top1_a = [f.adapter.top1 for f in found.examples if f.adapter.top1 is not None]
+    if top1 and top1_a:
+        mean_m, mean_a = sum(top1) / len(top1), sum(top1_a) / len(top1_a)
+        agree = f"; top-1 agreement {mean_m:.1%} (adapter {mean_a:.1%})"
+        metrics.update(
+            merged_top1=_round(sum(top1) / len(top1)),
+            adapter_top1=_round(sum(top1_a) / len(top1_a)),
+        )
+    details.append(f"worst probe ({worst.ratio:.0%} of its allowance): {worst.probe.describe()}")
+    details.append(worst.explain())
+    message = (
+        f"merged within tolerance of the {s.reference} reference on {len(found.examples)} probes:"
+        f" max|Δ| {m_max:.3g} vs adapter model's {a_max:.3g}, worst probe used"
+        f" {worst.ratio:.0%} of its allowance{agree}"
+    )
+    return CheckResult(Outcome.PASSED, message, details, metrics)
+
+
+# ---- generation --------------------------------------------------------------------------
+
+
+def prompts(ctx: Context, space: ProbeSpace) -> list[list[int]]:
+    """Prompts as token ids.
+
+    The texts go through the merged folder's tokenizer when it loads and its ids fit the
+    vocabulary; otherwise seeded random ids are used.
+    """
+    tokenizer = _tokenizer(ctx.options)
+    found: list[list[int]] = []
+    if tokenizer is not None:
+        for text in PROMPT_TEXTS:
+            try:
+                ids = list(tokenizer(text)["input_ids"])[:PROBE_LENGTH]
+            except Exception:  # a broken tokenizer falls back to random ids
+                ids = []
+            if ids and all(isinstance(i, int) and 0 <= i < space.vocab_size for i in ids):
+                found.append(ids)
+    if found:
+        return found
+    import random
+
+    rng = random.Random(0)
+    return [[rng.randrange(space.vocab_size) for _ in range(8)] for _ in PROMPT_TEXTS]
+
+
+def check_generation(ctx: Context) -> CheckResult:
+    """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
+    import torch
+
+    reason = _skip_reason(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
+    s = setup(ctx)
+    if s.task != "CAUSAL_LM":
+        release_models(ctx)
+        return CheckResult.skipped(f"greedy decoding applies to causal LMs, not {s.task}")
+    comparer = Comparer(ctx)
+    tol = comparer.tolerance
+    lines: list[str] = []
+    tolerated = 0
+    for number, prompt in enumerate(prompts(ctx, s.space), 1):
+        ids = list(prompt)
+        for step in range(GENERATE_TOKENS):
+            probe = pad_rows([ids], "none", 0)
+            m = comparer._run(comparer.merged, probe)[-1]
+            a = comparer._run(comparer.adapter, probe)[-1]
+            m_tok, a_tok = int(torch.argmax(m)), int(torch.argmax(a))
+            if m_tok == a_tok:
+                ids.append(m_tok)
+                continue
+            r = comparer._run(comparer.reference, probe)[-1]
+            a_dev = float((a - r).abs().max())
+            allowed = tol.c_max * max(a_dev, tol.noise_max) + tol.eps * float(r.abs().max())
+            gap = abs(float(r[m_tok] - r[a_tok]))
+            where = (
+                f"prompt {number} token {step + 1}: merged picks {m_tok}, adapter model"
+                f" picks {a_tok}; reference logits differ by {gap:.3g}"
+            )
+            if gap <= 2 * allowed:
+                tolerated += 1
+                lines.append(f"{where} <= 2 x noise allowance {allowed:.3g}: a near tie, tolerated")
+                break
+            release_models(ctx)
+            return CheckResult.failed(
+                f"greedy decoding diverges at {where}, more than 2 x the noise allowance"
+                f" {allowed:.3g}: not a rounding tie",
+                [f"prompt ids: {prompt}", f"common prefix: {ids}", s.describe(), tol.describe()],
+                prompt=prompt,
+                step=step + 1,
+                gap=gap,
+                allowed=allowed,
+            )
+        else:
+            lines.append(f"prompt {number}: identical for {GENERATE_TOKENS} tokens")
+    release_models(ctx)
+    count = len(lines)
+    message = (
+        f"greedy decoding identical on {count - tolerated} of {count} prompts for"
+        f" {GENERATE_TOKENS} tokens"
+    )
+    if tolerated:
+        message += f"; {tolerated} divergence(s) at reference near-ties (tolerated)"
+    return CheckResult(
+        Outcome.PASSED,
+        message,
+        [*lines, s.describe()],
+        {"prompts": count, "tolerated": tolerated, "tokens": GENERATE_TOKENS},
+    )
+
+
+def _check_sidecars(ctx: Context) -> CheckResult:
+    from harness.sidecars import check_sidecars
+
+    return check_sidecars(ctx)
+
+
+def checks(options: Options) -> list[Check]:
+    """The behaviour family."""
+    spec = [
+        (
+            "loads",
+            check_loads,
+            "loads with the task's AutoModelFor* class, no weight left random, finite outputs",
+        ),
+        (
+            "equivalence",
+            check_equivalence,
+            "on hypothesis probes, deviates from an fp32 reference no more than the unmerged"
+            " adapter model",
+        ),
+        (
+            "generation",
+            check_generation,
+            "greedy decoding matches the unmerged adapter model (ties within noise excepted)",
+        ),
+        (
+            "sidecars",
+            _check_sidecars,
+            "tokenizer files and generation_config.json equal the base's (or the adapter's)",
+        ),
+    ]
+    return [Check("behaviour", name, Kind.BEHAVIOUR, doc, run) for name, run, doc in spec]

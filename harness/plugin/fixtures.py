@@ -1,0 +1,179 @@
+"""Fixtures the plugin provides to users' own tests (``pytest --fixtures`` lists them).
+
+Nothing heavy is imported here: models, peft and torch load inside the fixtures, on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from harness.plugin.state import STATE_KEY
+
+if TYPE_CHECKING:
+    from harness.case import MergeCase
+    from harness.tiny import MergeSpec, ModelSpec
+
+__all__ = ["adapter_model", "base_model", "merge_case", "merged_model", "tiny_merge_factory"]
+
+_NO_MERGE = (
+    "no merge named: pass --merged-model PATH (with --base-model PATH and --adapter PATH for the"
+    " unmerged comparison), or --base-model and --adapter to let the harness merge"
+)
+
+
+class TinyMergeFactory:
+    """Builds tiny merge cases on disk, once per distinct spec in a test session.
+
+    Call it with a :class:`~harness.tiny.MergeSpec` (as drawn by
+    ``harness.strategies.merge_cases()``) or with keywords::
+
+        case = tiny_merge_factory(arch="qwen2", dtype="BF16", r=8, use_rslora=True)
+        case = tiny_merge_factory(spec)
+
+    Keywords: ``arch`` (llama, mistral, qwen2, gpt2, gemma, phi3, bert), ``dtype`` (F32, BF16,
+    F16), ``task`` (CAUSAL_LM, SEQ_CLS), ``method`` (``peft``: ``merge_and_unload``;
+    ``harness``: the streaming merger), ``seed`` (base weights), ``adapter_seed``, ``scale``
+    (standard deviation of the adapter weights' noise), ``layers``; every other keyword is a
+    ``LoraConfig`` argument (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``,
+    ``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``...). Returns a
+    :class:`~harness.case.MergeCase` with ``base``, ``adapter`` and ``merged`` folders.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cases: dict[str, MergeCase] = {}
+        self._bases: dict[ModelSpec, Path] = {}
+
+    def spec(
+        self,
+        *,
+        arch: str = "llama",
+        dtype: str = "F32",
+        task: str = "CAUSAL_LM",
+        method: str = "peft",
+        seed: int = 0,
+        adapter_seed: int = 1,
+        scale: float = 0.5,
+        layers: int | None = None,
+        **lora: Any,
+    ) -> MergeSpec:
+        """The :class:`~harness.tiny.MergeSpec` that the same keywords would build."""
+        from harness.tiny import MODULES, MergeSpec, ModelSpec
+
+        overrides = {} if layers is None else {MODULES[arch].layers_key: layers}
+        if MODULES[arch].conv1d:
+            lora.setdefault("fan_in_fan_out", True)
+        model = ModelSpec(arch, dtype, task, seed, tuple(overrides.items()))
+        return MergeSpec(model, tuple(lora.items()), adapter_seed, scale, method)
+
+    def __call__(self, spec: MergeSpec | None = None, /, **keywords: Any) -> MergeCase:
+        """Build (or reuse) the merge case of ``spec`` or of the keywords."""
+        from harness.case import MergeCase
+        from harness.tiny import build_case
+
+        if spec is None:
+            spec = self.spec(**keywords)
+        elif keywords:
+            raise TypeError("pass a MergeSpec or keywords, not both")
+        key = spec.key()
+        if key not in self._cases:
+            folder = self.root / hashlib.sha256(key.encode()).hexdigest()[:16]
+            built = build_case(spec, folder, base=self._bases.get(spec.model))
+            self._bases.setdefault(spec.model, built.base)
+            self._cases[key] = MergeCase(built.merged, built.base, built.adapter, spec)
+        return self._cases[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_merge_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyMergeFactory:
+    """Build tiny random merge cases on disk in seconds: base, PEFT adapter, and its merge.
+
+    ``tiny_merge_factory(arch="llama", dtype="BF16", r=4, use_dora=True)`` saves a 2-layer,
+    32-wide model of the architecture (llama, mistral, qwen2 tied, gpt2 Conv1D, gemma, phi3;
+    bert for ``task="SEQ_CLS"``) with a tokenizer, a LoRA adapter with non-zero random weights
+    from the ``LoraConfig`` keywords (LoRA, rsLoRA, DoRA, rank/alpha patterns,
+    ``modules_to_save``, embedding targets), and its merge by peft (``method="peft"``) or by the
+    streaming merger (``method="harness"``). Also accepts a ``MergeSpec`` drawn from
+    ``harness.strategies.merge_cases()``. Cases are cached per parameters for the session;
+    returns a ``harness.case.MergeCase`` (``.base``, ``.adapter``, ``.merged`` folders,
+    ``.config``, ``.merged_model()``, ``.measure(probe)``, ``.run_checks("behaviour")``).
+    """
+    return TinyMergeFactory(tmp_path_factory.mktemp("tiny-merges"))
+
+
+def _state(config: pytest.Config) -> Any:
+    return config.stash.get(STATE_KEY, None)
+
+
+@pytest.fixture(scope="session")
+def merge_case(request: pytest.FixtureRequest) -> MergeCase:
+    """The merge named on the command line (``--merged-model``, ``--base-model``, ``--adapter``).
+
+    When only ``--base-model`` and ``--adapter`` are given, the harness has already merged them
+    with its streaming merger into a temporary folder, and ``merged`` is that folder. Skips
+    when no merge was named. A ``harness.case.MergeCase``: ``.merged``/``.base``/``.adapter``
+    paths, ``.config``, ``.task``, ``.probe_inputs()`` (a hypothesis strategy of inputs valid
+    for the model), ``.measure(probe)`` (merged vs unmerged vs reference on one input).
+    """
+    from harness.case import MergeCase
+
+    state = _state(request.config)
+    if state is None or state.options.merged is None:
+        pytest.skip(_NO_MERGE)
+    options = state.options
+    return MergeCase(options.merged, options.base, options.adapter, None, options, state.context())
+
+
+def _load(case: MergeCase, what: str) -> Any:
+    from harness.behaviour import missing_libraries
+    from harness.errors import HarnessError
+
+    reason = missing_libraries()
+    if reason:
+        pytest.skip(reason)
+    if what in ("base", "adapter") and case.base is None:
+        pytest.skip("no --base-model given (nor discoverable from the adapter)")
+    if what == "adapter" and case.adapter is None:
+        pytest.skip("no --adapter given")
+    try:
+        loader = {
+            "base": case.base_model,
+            "adapter": case.adapter_model,
+            "merged": case.merged_model,
+        }[what]
+        return loader()
+    except HarnessError as exc:
+        pytest.fail(f"cannot load the {what} model: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def base_model(merge_case: MergeCase) -> Any:
+    """The base model (transformers, eval mode) on ``--merge-device``, loaded once per session.
+
+    Loaded with the ``AutoModelFor*`` class of the adapter's task, offline, in the checkpoint's
+    dtype (``--merge-dtype`` to change it). Skips without ``--base-model``.
+    """
+    return _load(merge_case, "base")
+
+
+@pytest.fixture(scope="session")
+def adapter_model(merge_case: MergeCase) -> Any:
+    """The unmerged adapter model: ``peft.PeftModel`` on the base, on ``--merge-device``.
+
+    Loaded once per session, in eval mode. Skips without ``--base-model`` and ``--adapter``.
+    """
+    return _load(merge_case, "adapter")
+
+
+@pytest.fixture(scope="session")
+def merged_model(merge_case: MergeCase) -> Any:
+    """The merged model, loaded from its own folder exactly as a user would.
+
+    ``AutoModelFor*`` of the task, offline (``local_files_only``), ``trust_remote_code`` only
+    with ``--merge-trust-remote-code``, on ``--merge-device``, in eval mode; once per session.
+    """
+    return _load(merge_case, "merged")
