@@ -6,6 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+# Like the root conftest's pre-imports: pytester's in-process runs evict modules first imported
+# during a run, and datasets cannot be imported twice in one process (it registers pyarrow
+# extension types), so a second in-process benchmark run would fail.
+import datasets  # noqa: F401
 import pytest
 from guard import GUARD, committed_files
 
