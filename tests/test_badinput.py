@@ -467,6 +467,10 @@ CASES = [
          make_merged(_file_for_folder), 1,
          "{root}/merged.safetensors: expected a checkpoint folder, found a file",
          "structure::loads"),
+    Case("merged-is-adapter", "merged", "the adapter folder passed as the merged model",
+         lambda g: merged_and_base(g.adapter, g), 1,
+         "{root}/adapter: expected model.safetensors or an index, found adapter_model.safetensors",
+         "structure::loads"),
     Case("merged-empty", "merged", "an empty folder", make_merged(_empty), 1,
          "{root}/empty: no model.safetensors, index or shards in this folder", "structure::loads"),
     Case("merged-truncated", "merged", "a truncated safetensors file (tail cut)",
@@ -907,3 +911,28 @@ def test_hf_cache_snapshot_symlinks_are_followed(tmp_path: Path, tiny_llama):
     (snapshot_dir / "config.json").symlink_to(elsewhere)
     with pytest.raises(CheckpointError, match="symlink resolves outside its folder"):
         Checkpoint.open(snapshot_dir)
+
+
+def test_folder_hash_refuses_what_it_must_not_read(tmp_path: Path):
+    """hash_folder (adapters, task folders) never follows a link out or blocks on a pipe."""
+    from harness.hashing import hash_folder
+
+    folder = tmp_path / "tasks"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.yaml").write_text("task: a\n")
+    first = hash_folder(folder)
+    (folder / "sub" / "a.yaml").write_text("task: b\n")
+    assert hash_folder(folder) != first
+    secret = tmp_path / "secret"
+    secret.write_text("token")
+    (folder / "leak.yaml").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="symlink resolves outside"):
+        hash_folder(folder)
+    (folder / "leak.yaml").unlink()
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="symlinked folder"):
+        hash_folder(folder)
+    (folder / "loop").unlink()
+    os.mkfifo(folder / "pipe.yaml")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        hash_folder(folder)
