@@ -257,6 +257,8 @@ def lora_configs(
         raise InvalidArgument("dora=True and embeddings=True: peft has no DoRA for embeddings")
     if classify and flags["modules_to_save"]:
         raise InvalidArgument("modules_to_save=True is for causal LMs (SEQ_CLS saves its head)")
+    if flags["embeddings"] and flags["dora"] is None:
+        flags["dora"] = False  # asked-for embedding targets exclude DoRA
     if modules.tied and flags["embeddings"] is None:
         flags["embeddings"] = False
     if (modules.tied or classify) and flags["modules_to_save"] is None:
