@@ -936,3 +936,22 @@ def test_folder_hash_refuses_what_it_must_not_read(tmp_path: Path):
     os.mkfifo(folder / "pipe.yaml")
     with pytest.raises(CheckpointError, match="not a regular file"):
         hash_folder(folder)
+
+
+def test_warning_as_error_is_one_line(pytester: pytest.Pytester, monkeypatch, tiny_llama):
+    """Under -W error a check's warning fails its item, still with one line and no traceback."""
+    from harness.result import CheckResult, Outcome
+
+    install_family(monkeypatch, "noted", {
+        "sidecar": lambda ctx: CheckResult(Outcome.WARNING, "tokenizer.json differs from the base"),
+    })
+    # (a plain "-W error" in-process would also raise pytest's own already-imported warning)
+    result = pytester.runpytest("-W", "error::harness.plugin.items.MergeHarnessWarning",
+                                "--merge-checks", "noted",
+                                "--merged-model", str(tiny_llama.merged))
+    assert_clean(result.stdout.str() + result.stderr.str())
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([
+        "merge::noted::sidecar: tokenizer.json differs from the base (a warning, raised as an"
+        " error by -W)"
+    ])

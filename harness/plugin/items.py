@@ -86,9 +86,12 @@ class CheckItem(pytest.Item):
             return "\n".join(lines)
         if self.config.getoption("fulltrace", False):
             return str(super().repr_failure(excinfo, style=style))
-        # Not a check's verdict: a bug in the harness itself. Still one line, no traceback.
         error = excinfo.value
         text = str(error).strip().splitlines()
+        if isinstance(error, MergeHarnessWarning):
+            # A passing check's note, turned into an error by -W error / filterwarnings.
+            return f"{text[0] if text else self.check.id} (a warning, raised as an error by -W)"
+        # Not a check's verdict: a bug in the harness itself. Still one line, no traceback.
         return (
             f"internal error in {self.check.id}: {type(error).__name__}:"
             f" {text[0] if text else ''} (--full-trace shows the traceback)"
