@@ -150,6 +150,8 @@ def machine() -> dict[str, Any]:
         "transformers": version("transformers"),
         "peft": version("peft"),
         "kernel": platform.release(),
+        # Other work on the machine distorts timings: record it with the figures.
+        "loadavg_1_5_15": list(os.getloadavg()),
     }
 
 
@@ -222,6 +224,9 @@ class Measurement:
     returncode: int | None = None
     wall_s: float | None = None
     peak_rss_bytes: int | None = None
+    #: user + system CPU seconds of the child (and its waited-for descendants): less sensitive
+    #: than wall time to other work on a shared machine.
+    cpu_s: float | None = None
     polled_peak_bytes: int | None = None
     note: str = ""
     output_tail: str = ""
@@ -290,6 +295,7 @@ def measure(
         result.returncode = process.returncode
         # Linux reports ru_maxrss in KiB.
         result.peak_rss_bytes = int(usage.ru_maxrss) * 1024
+        result.cpu_s = usage.ru_utime + usage.ru_stime
         result.polled_peak_bytes = peak
         if killed:
             result.note = killed[0]

@@ -117,7 +117,7 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
         outputs[key] = out
         status = "ok" if result.ok else f"FAILED ({result.note})"
         print(f"   {LABELS[key]}: {result.wall_s:.1f} s, peak RSS {gib(result.peak_rss_bytes)}"
-              f" GiB, {status}", flush=True)
+              f" GiB, CPU {result.cpu_s:.1f} s, {status}", flush=True)
         if not result.ok:
             print("      " + result.output_tail.replace("\n", "\n      "), flush=True)
     names = {"p": "peft", "h": "harness"}
@@ -138,10 +138,13 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
             gbps = run["base_bytes"] / GB / m.wall_s if m.ok and m.wall_s else None
             rows.append([run["preset"], m.label, f"{m.wall_s:.1f}" if m.ok and m.wall_s else "-",
                          f"{gbps:.2f}" if gbps else "-",
-                         gib(m.peak_rss_bytes) if m.ok else "-", "ok" if m.ok else m.note])
+                         gib(m.peak_rss_bytes) if m.ok else "-",
+                         f"{m.cpu_s:.1f}" if m.ok and m.cpu_s is not None else "-",
+                         "ok" if m.ok else m.note])
             run["results"][key]["throughput_gbps"] = gbps
     print()
-    print(table(["preset", "contender", "wall s", "GB/s (base)", "peak RSS GiB", "status"], rows))
+    print(table(["preset", "contender", "wall s", "GB/s (base)", "peak RSS GiB", "CPU s",
+                 "status"], rows))
     summary: dict[str, Any] = {"ratios": {}, "bit_identical": {}, "memory_independence": None}
     ratio_rows = []
     for run in runs:
@@ -213,12 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     limit = (int(args.mem_limit * GiB) if args.mem_limit
              else meminfo().get("MemAvailable", 8 * GiB) - GiB)
     runs = [run_preset(p, args, limit) for p in args.preset]
+
+    def saved(summary: dict[str, Any] | None) -> Path:
+        plain = [{k: v for k, v in run.items() if k != "_measurements"} for run in runs]
+        return write_json("merge-" + "-".join(args.preset),
+                          {"machine": machine(), "mem_limit_bytes": limit, "runs": plain,
+                           "summary": summary, "argv": sys.argv})
+
+    # Saved before the report too, so a fault in the report loses no measurement.
+    first = saved(None)
     summary = report(runs)
-    for run in runs:
-        run.pop("_measurements")
-    path = write_json("merge-" + "-".join(args.preset),
-                      {"machine": machine(), "mem_limit_bytes": limit, "runs": runs,
-                       "summary": summary, "argv": sys.argv})
+    first.unlink()
+    path = saved(summary)
     print(f"\nwritten {path}")
     print(json.dumps(summary["bit_identical"]))
     failed = [k for run in runs for k, r in run["results"].items()

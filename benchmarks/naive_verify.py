@@ -1,6 +1,6 @@
 """The naive check a user would write: load base + adapter and the merged model, compare logits.
 
-    python benchmarks/naive_verify.py BASE ADAPTER MERGED [--batch 4] [--length 128]
+    python benchmarks/naive_verify.py BASE ADAPTER MERGED [--batch 2] [--length 64]
 
 Loads the base with transformers in its own dtype, wraps it with ``PeftModel`` (unmerged
 adapter), loads the merged model from its folder, runs one batch of random token ids through
@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base")
     parser.add_argument("adapter")
     parser.add_argument("merged")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=64)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

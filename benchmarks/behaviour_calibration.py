@@ -1,0 +1,125 @@
+"""Calibrate the behaviour check's tolerance constants on correct merges.
+
+    python benchmarks/behaviour_calibration.py --merges 300 --probes 10
+    python benchmarks/behaviour_calibration.py --merges 50 --architectures llama,gpt2 --dtypes BF16
+
+Draws merge cases with ``harness.strategies.merge_cases`` (tiny models, LoRA/rsLoRA/DoRA/patterns/
+modules_to_save, peft's merge and the streaming merger), builds each, and on hypothesis-drawn
+probes records how far the merged model M is from the reference R relative to the unmerged
+adapter model A, exactly as the check judges it:
+
+    max-ratio  = max|M-R|  / max(max|A-R|,  noise_max)
+    mean-ratio = mean|M-R| / max(mean|A-R|, noise_mean)
+
+Prints the largest ratios per architecture and dtype, and the constants the check should use:
+1.5x the largest ratio seen, rounded up to a whole number (``harness.behaviour.C_MAX`` and
+``C_MEAN``). Every merge here is correct, so any ratio is rounding noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from harness import behaviour, tiny
+from harness.context import Context, Options
+from harness.strategies import merge_cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--merges", type=int, default=300)
+    parser.add_argument("--probes", type=int, default=10)
+    parser.add_argument("--architectures", default="llama,qwen2,gpt2,mistral,gemma,phi3")
+    parser.add_argument("--dtypes", default="F32,BF16,F16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jsonl", type=Path, default=None, help="also write one line per merge")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="behaviour-calibration-"))
+    sink = args.jsonl.open("w") if args.jsonl else None
+    worst: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    top: list[tuple[float, str]] = []
+    count = [0]
+    started = time.perf_counter()
+
+    @seed(args.seed)
+    @settings(
+        max_examples=args.merges,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        spec=merge_cases(
+            architectures=args.architectures.split(","),
+            dtypes=args.dtypes.split(","),
+            methods=("peft", "harness"),
+        ),
+        data=st.data(),
+    )
+    def sweep(spec: tiny.MergeSpec, data: st.DataObject) -> None:
+        count[0] += 1
+        folder = root / str(count[0])
+        built = tiny.build_case(spec, folder)
+        ctx = Context(Options(merged=built.merged, base=built.base, adapter=built.adapter))
+        comparer = behaviour.Comparer(ctx)
+        tol = comparer.tolerance
+        rows = []
+        for _ in range(args.probes):
+            probe = data.draw(comparer.setup.space.strategy())
+            f = comparer.measure(probe)
+            r_max = _ratio(f.merged.max_abs, max(f.adapter.max_abs, tol.noise_max))
+            r_mean = _ratio(f.merged.mean_abs, max(f.adapter.mean_abs, tol.noise_mean))
+            rows.append((r_max, r_mean, f.ok))
+            key = (spec.model.arch, spec.model.dtype)
+            worst[key][0] = max(worst[key][0], r_max)
+            worst[key][1] = max(worst[key][1], r_mean)
+            worst[key][2] += 1
+            top.append((max(r_max / behaviour.C_MAX, r_mean / behaviour.C_MEAN), spec.key()))
+        if sink:
+            sink.write(json.dumps({"spec": spec.key(), "rows": rows}) + "\n")
+        behaviour.release_models(ctx)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    sweep()
+    print(
+        f"{count[0]} correct merges, {sum(w[2] for w in worst.values())} probes,"
+        f" {time.perf_counter() - started:.0f} s"
+    )
+    print(f"{'architecture':12} {'dtype':5} {'probes':>6} {'max-ratio':>9} {'mean-ratio':>10}")
+    for (arch, dtype), (r_max, r_mean, n) in sorted(worst.items()):
+        print(f"{arch:12} {dtype:5} {n:6d} {r_max:9.2f} {r_mean:10.2f}")
+    all_max = max(w[0] for w in worst.values())
+    all_mean = max(w[1] for w in worst.values())
+    print(f"largest: max-ratio {all_max:.2f}, mean-ratio {all_mean:.2f}")
+    print(
+        f"suggested: C_MAX = {math.ceil(1.5 * all_max)}, C_MEAN = {math.ceil(1.5 * all_mean)}"
+        f" (in use: {behaviour.C_MAX:g}, {behaviour.C_MEAN:g})"
+    )
+    used, key = max(top)
+    print(f"largest share of the allowance used by a correct merge: {used:.0%} ({key})")
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if used <= 1 else 1
+
+
+def _ratio(value: float, floor: float) -> float:
+    if floor <= 0:
+        return 0.0 if value <= 0 else math.inf
+    return value / floor
+
+
+if __name__ == "__main__":
+    sys.exit(main())
