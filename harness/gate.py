@@ -173,6 +173,12 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         notes=list(state.notes),
         artifacts=artifacts,
     )
+    from harness import github
+
+    if github.in_actions():
+        # Workflow commands at the start of a summary line: GitHub turns them into annotations
+        # on the run (the gate command hides GITHUB_ACTIONS from its pytest, so no duplicates).
+        lines.extend(github.report_annotations(report))
     for path, text, label in (
         (options.report_path, None, "--merge-report"),
         (options.summary_path, render_markdown(report), "--merge-summary"),

@@ -148,3 +148,19 @@ def test_failure_under_xdist_exits_one(pytester, tiny_llama):
     )
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*merged weights are identical to the base*"])
+
+
+def test_failures_become_annotations_in_github_actions(pytester, tiny_llama, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    result = pytester.runpytest(
+        STRUCTURE, "--merged-model", str(tiny_llama.base), "--base-model", str(tiny_llama.base)
+    )
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(
+        ["::error title=merge%3A%3Ahash%3A%3Adiffers_from_base::merged weights are identical*"]
+    )
+    monkeypatch.delenv("GITHUB_ACTIONS")
+    quiet = pytester.runpytest(
+        STRUCTURE, "--merged-model", str(tiny_llama.base), "--base-model", str(tiny_llama.base)
+    )
+    assert "::error" not in quiet.stdout.str()
