@@ -46,13 +46,14 @@ if TYPE_CHECKING:
     import torch
 
 #: Allowed ratio of M's to A's max |Δlogit| (see CALIBRATION).
-C_MAX = 8.0
+C_MAX = 11.0
 #: Allowed ratio of M's to A's mean |Δlogit| (see CALIBRATION).
-C_MEAN = 6.0
+C_MEAN = 7.0
 #: How the constants were obtained (printed in the details of every result).
 CALIBRATION = (
-    "C_MAX, C_MEAN: 1.5x the largest ratio seen over correct merges (llama, qwen2, gpt2, mistral;"
-    " fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns) on hypothesis probes"
+    "C_MAX, C_MEAN: 1.5x the largest ratios (6.79, 4.21) seen on 4188 probes of 449 correct"
+    " tiny merges (6 architectures; fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns,"
+    " modules_to_save; benchmarks/behaviour_calibration.py --merges 400 --seed 1)"
 )
 #: Largest probe drawn: rows and tokens per row.
 PROBE_BATCH = 4
@@ -797,6 +798,45 @@ def prompts(ctx: Context, space: ProbeSpace) -> list[list[int]]:
     return [[rng.randrange(space.vocab_size) for _ in range(8)] for _ in PROMPT_TEXTS]
 
 
+class Greedy:
+    """Greedy decoding of one model, a token at a time, with its KV cache.
+
+    ``logits`` holds the next-token logits (float64, on the CPU). Models that return no cache
+    are run on the whole sequence at every step instead.
+    """
+
+    def __init__(self, model: Any, prompt: list[int], device: str) -> None:
+        self.model = model
+        self.device = device
+        self.ids = list(prompt)
+        #: the cache and the keyword it goes back in under (``cache`` in transformers 5,
+        #: ``past_key_values`` before)
+        self.past: Any = None
+        self.past_key = "cache"
+        self.logits = self._forward(self.ids)
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        import torch
+
+        kwargs: dict[str, Any] = {} if self.past is None else {self.past_key: self.past}
+        with torch.inference_mode():
+            tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=tensor, use_cache=True, **kwargs)
+        self.past = None
+        for key in ("cache", "past_key_values"):
+            if getattr(out, key, None) is not None:
+                self.past, self.past_key = getattr(out, key), key
+                break
+        # (1, length, vocab) -> the last position's (vocab,)
+        logits: torch.Tensor = out.logits[0, -1].detach().to(torch.float64).cpu()
+        return logits
+
+    def push(self, token: int) -> None:
+        """Append ``token`` and compute the next logits."""
+        self.ids.append(token)
+        self.logits = self._forward([token] if self.past is not None else self.ids)
+
+
 def check_generation(ctx: Context) -> CheckResult:
     """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
     import torch
@@ -813,16 +853,18 @@ def check_generation(ctx: Context) -> CheckResult:
     lines: list[str] = []
     tolerated = 0
     for number, prompt in enumerate(prompts(ctx, s.space), 1):
-        ids = list(prompt)
+        merged = Greedy(comparer.merged, prompt, s.device)
+        adapter = Greedy(comparer.adapter, prompt, s.device)
         for step in range(GENERATE_TOKENS):
-            probe = pad_rows([ids], "none", 0)
-            m = comparer._run(comparer.merged, probe)[-1]
-            a = comparer._run(comparer.adapter, probe)[-1]
+            m, a = merged.logits, adapter.logits
             m_tok, a_tok = int(torch.argmax(m)), int(torch.argmax(a))
             if m_tok == a_tok:
-                ids.append(m_tok)
+                if step + 1 < GENERATE_TOKENS:
+                    merged.push(m_tok)
+                    adapter.push(a_tok)
                 continue
-            r = comparer._run(comparer.reference, probe)[-1]
+            ids = merged.ids
+            r = comparer._run(comparer.reference, pad_rows([ids], "none", 0))[-1]
             a_dev = float((a - r).abs().max())
             allowed = tol.c_max * max(a_dev, tol.noise_max) + tol.eps * float(r.abs().max())
             gap = abs(float(r[m_tok] - r[a_tok]))
