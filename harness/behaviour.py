@@ -30,10 +30,11 @@ shows.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +330,36 @@ def base_model(ctx: Context) -> Any:
 # ---- measuring -------------------------------------------------------------------------
 
 
+#: Models below this many parameters run their CPU forward passes on one thread: their matrices
+#: are too small to split, and on a busy machine extra threads only wait for each other (a
+#: tiny model's forward pass was 6x slower on two contended threads than on one).
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+@contextlib.contextmanager
+def compute_threads(model: Any) -> Iterator[None]:
+    """Run a small model's CPU forward passes single-threaded (restored afterwards)."""
+    import torch
+
+    small = getattr(model, "_merge_harness_small", None)
+    if small is None:
+        parameters = list(model.parameters())
+        small = parameters[0].device.type == "cpu" and (
+            sum(p.numel() for p in parameters) < SMALL_MODEL_PARAMETERS
+        )
+        model._merge_harness_small = small
+    if not small:
+        yield
+        return
+    # torch's thread count is per calling thread: set it in the thread that computes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def outputs(model: Any, probe: ProbeInput, task: str, device: str) -> torch.Tensor:
     """The model's outputs on ``probe`` at the non-padded positions, as float64 ``(rows, K)``.
 
@@ -338,7 +369,7 @@ def outputs(model: Any, probe: ProbeInput, task: str, device: str) -> torch.Tens
     import torch
 
     batch = probe.tensors(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), compute_threads(model):
         out = model(**batch)
     if task == "QUESTION_ANS":
         values = torch.stack([out.start_logits, out.end_logits], dim=-1)
@@ -819,7 +850,7 @@ class Greedy:
         import torch
 
         kwargs: dict[str, Any] = {} if self.past is None else {self.past_key: self.past}
-        with torch.inference_mode():
+        with torch.inference_mode(), compute_threads(self.model):
             tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
             out = self.model(input_ids=tensor, use_cache=True, **kwargs)
         self.past = None
