@@ -81,8 +81,11 @@ class Context:
         return value  # type: ignore[no-any-return]
 
     def seed(self, key: str, value: Any) -> None:
-        """Record ``value`` for ``key`` unless it is known already (a pass that computed it on
-        the way, e.g. the weight oracle's digests for ``scan:merged``)."""
+        """Record ``value`` for ``key`` unless it is known already.
+
+        A pass that computed it on the way seeds it, e.g. the weight oracle's digests for
+        ``scan:merged``.
+        """
         self._memo.setdefault(key, value)
 
     @property

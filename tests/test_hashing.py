@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from harness.cli import main as cli_main
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from harness.checkpoint import Checkpoint
+from harness.cli import main as cli_main
 from harness.hashing import hash_checkpoint, tensor_digest
 from harness.scan import scan_checkpoint
 
