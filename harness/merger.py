@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from harness.deltas import Plan
+    from harness.parallel import BufferPool, ByteBudget
 
 #: Files copied from the base (and, for tokenizers, overridden by an adapter's own copy).
 SIDE_FILES = (
@@ -58,6 +59,9 @@ SIDE_FILES = (
 )
 #: Side files an adapter folder may carry that supersede the base's (a retrained tokenizer).
 ADAPTER_OVERRIDES = frozenset(SIDE_FILES) - {"generation_config.json"}
+#: Bytes of tensors in flight between reader, workers and writer: at least this, or two of the
+#: largest tensor.
+MIN_BUDGET = 256 * 1024 * 1024
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
@@ -188,10 +192,14 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 class _Writer:
     """Appends tensor bytes to the output shards on a thread of its own."""
 
-    def __init__(self, folder: Path, shards: list[_Shard]) -> None:
+    def __init__(
+        self, folder: Path, shards: list[_Shard], budget: ByteBudget, pool: BufferPool
+    ) -> None:
         self.folder = folder
         self.shards = shards
-        self.slots: queue.Queue[memoryview | bytes | bytearray | None] = queue.Queue(3)
+        self.budget = budget
+        self.pool = pool
+        self.slots: queue.Queue[memoryview | bytes | bytearray | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="merge-harness-writer", daemon=True)
         self.thread.start()
@@ -212,6 +220,10 @@ class _Writer:
                             f" {entry.nbytes}"
                         )
                     handle.write(data)
+                    if isinstance(data, bytearray):
+                        self.pool.put(data)
+                    del data
+                    self.budget.release(entry.nbytes)
                 handle.close()
                 handle = None
         except BaseException as exc:  # reported by put()/finish() on the main thread
@@ -284,8 +296,14 @@ def merge_checkpoint(
 
     from harness.adapter import Adapter
     from harness.deltas import Target, plan_adapters
-    from harness.parallel import default_workers, ordered_map, single_threaded_torch
-    from harness.scan import prefetch
+    from harness.parallel import (
+        BufferPool,
+        ByteBudget,
+        default_workers,
+        pipeline,
+        read_into,
+        single_threaded_torch,
+    )
 
     base_path = Path(base)
     adapter_paths = (
@@ -311,14 +329,26 @@ def merge_checkpoint(
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".merging", dir=out_path.parent)
     )
+    largest = max((i.nbytes for i in checkpoint.tensors.values()), default=0)
+    budget = ByteBudget(max(MIN_BUDGET, 2 * largest))
+    pool = BufferPool(budget.limit // 2)
+
+    def read(info: TensorInfo) -> tuple[TensorInfo, bytearray]:
+        if checkpoint.is_pickle:
+            return info, checkpoint.read_bytes(info.name)
+        return info, read_into(info, pool)
+
     try:
-        writer = _Writer(tmp, shards)
+        writer = _Writer(tmp, shards, budget, pool)
         total = sum(s.nbytes for s in shards)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
         def process(item: tuple[TensorInfo, bytearray]) -> list[memoryview | bytearray]:
             info, data = item
             # an untied head starts from the base embedding: copy it before edits change it
-            original = bytearray(data) if info.name in extra else None
+            original = None
+            if info.name in extra:
+                original = pool.get(len(data))
+                original[:] = data
             outputs = [_apply(plan.for_tensor(info.name), info, data)]
             if original is not None:
                 outputs.append(_apply(plan.for_tensor(extra[info.name].name), info, original))
@@ -329,7 +359,14 @@ def merge_checkpoint(
         count = workers if workers is not None else default_workers()
         try:
             with single_threaded_torch():
-                for outputs in ordered_map(process, prefetch(checkpoint), count):
+                for outputs in pipeline(
+                    checkpoint.in_file_order(),
+                    read,
+                    process,
+                    lambda info: info.nbytes * (2 if info.name in extra else 1),
+                    budget,
+                    count,
+                ):
                     for output in outputs:
                         writer.put(output)
                         bar.update(len(output))

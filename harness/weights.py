@@ -15,7 +15,6 @@ import contextlib
 from typing import Any
 
 from harness.context import Context, Options
-from harness.errors import HarnessError
 from harness.oracle import BOUND_TEXT, OracleResult, TensorCheck, run_oracle
 from harness.result import Check, CheckResult, Kind, Outcome
 
@@ -51,10 +50,11 @@ def wanted(options: Options) -> bool:
 def prime(ctx: Context) -> None:
     """Run the oracle first when it will run anyway: one pass then serves the digest scans too.
 
-    Errors are kept in the memo and reported by the checks that need the result.
+    Errors are kept in the memo (or, for an internal error, raised again) and reported by the
+    checks that need the result, never by the check that happened to trigger the pass.
     """
     if wanted(ctx.options):
-        with contextlib.suppress(HarnessError):
+        with contextlib.suppress(Exception):
             oracle(ctx)
 
 

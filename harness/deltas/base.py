@@ -170,11 +170,15 @@ class Edit(abc.ABC):
         """
 
     def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
-        """Only the reference value (no bound): the oracle's fast path.
+        """Only the reference value (no bound), in the compute dtype: the oracle's fast path.
 
-        Must equal ``reference(w, None, rows, code).value`` exactly.
+        ``w`` may still be in the stored dtype (the first edit of a tensor gets the stored block,
+        saving a conversion pass). Must equal ``reference(w', None, rows, code).value`` exactly,
+        ``w'`` being ``w`` in the compute dtype.
         """
-        return self.reference(w, None, rows, code).value
+        from harness.ulp import compute_dtype
+
+        return self.reference(w.to(compute_dtype(code)), None, rows, code).value
 
     @abc.abstractmethod
     def merge(self, w: torch.Tensor) -> torch.Tensor:

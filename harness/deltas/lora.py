@@ -263,8 +263,10 @@ class LoraLinear(Edit):
         return self.scaled_rows(rows, dtype), outer_norms(b, a, rows, self.transposed)
 
     def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
-        """``W + (s * B) @ A`` without the bound."""
-        return w + self.scaled_rows(rows, w.dtype)
+        """``W + (s * B) @ A`` without the bound; ``w`` may be the stored block (promoted)."""
+        from harness.ulp import compute_dtype
+
+        return self.scaled_rows(rows, compute_dtype(code)).add_(w)
 
     def unscaled(self, dtype: torch.dtype) -> torch.Tensor:
         """``B @ A`` in its natural ``(out, in)`` orientation (never transposed), unscaled."""
@@ -282,15 +284,46 @@ class LoraLinear(Edit):
         return Step(w + delta, bound)
 
     def peft_delta(self) -> torch.Tensor:
-        """Peft's ``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * scaling``."""
+        """Peft's ``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * scaling``.
+
+        Computed into this thread's reusable scratch tensor when it fits (the same ops, so the
+        same bits; no fresh pages to fault in per tensor). Valid until the next call.
+        """
+        import torch
+
+        from harness.parallel import workspace
+
         dtype = _lora_dtype(self.adapter, self.a_key)
         b, a = self.factors(dtype)
-        product = b @ a
-        return (product.T if self.transposed else product) * self.scale
+        scratch = workspace(b.shape[0] * a.shape[1], dtype)
+        if scratch is None:
+            product = b @ a
+        else:
+            product = torch.matmul(b, a, out=scratch.view(b.shape[0], a.shape[1]))
+        product.mul_(self.scale)
+        return product.T if self.transposed else product
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        """Peft's ``Linear.merge``: ``weight.data += delta`` (one rounding, in place)."""
-        w += self.peft_delta()
+        """Peft's ``Linear.merge``: ``weight.data += delta`` (one rounding, in place).
+
+        For a half-precision weight torch computes ``fp32(W) + delta`` in a temporary fp32
+        tensor and rounds it into ``W``; adding ``W`` into the (scratch) delta and copying back
+        is the same arithmetic without the temporary.
+        """
+        from harness.parallel import workspace
+
+        delta = self.peft_delta()
+        if delta.dtype == w.dtype:
+            w += delta
+            return w
+        # torch would upcast W into a fresh temporary (a page fault per 4 KiB): use scratch
+        upcast = workspace(w.numel(), delta.dtype, "weight")
+        if upcast is None:
+            w.copy_(delta.add_(w))
+        else:
+            upcast = upcast.view(w.shape)
+            upcast.copy_(w)
+            w.copy_(delta.add_(upcast))
         return w
 
 
@@ -329,7 +362,9 @@ class LoraDora(LoraLinear):
 
     def value(self, w: torch.Tensor, rows: Rows, code: str) -> torch.Tensor:
         """The renormalised value (DoRA has no cheaper path)."""
-        return self.reference(w, None, rows, code).value
+        from harness.ulp import compute_dtype
+
+        return self.reference(w.to(compute_dtype(code)), None, rows, code).value
 
     def factor(self, v: torch.Tensor) -> torch.Tensor:
         """``m / ||v||`` per output unit, shaped to broadcast over the stored tensor."""
