@@ -317,7 +317,7 @@ def test_plugin_behaviour_only_good_and_faulty(pytester, tiny_merge_factory, tmp
     ]
     good = pytester.runpytest("--merged-model", str(case.merged), *args)
     assert good.ret == 0, good.stdout.str()
-    good.stdout.fnmatch_lines(["*merge::behaviour::equivalence*", "*4 passed*"])
+    good.stdout.fnmatch_lines(["*merge::behaviour::equivalence*on 8 probes*", "*4 passed*"])
     faulty = inject(case.merged, case.base, "sign", tmp_path / "faulty")
     bad = pytester.runpytest("--merged-model", str(faulty), *args)
     assert bad.ret == 1, bad.stdout.str()
@@ -327,3 +327,48 @@ def test_plugin_behaviour_only_good_and_faulty(pytester, tiny_merge_factory, tmp
             "*minimal failing input: batch 1 x length *",
         ]
     )
+
+
+def test_sidecar_warning_passes_with_a_pytest_warning(pytester, tiny_merge_factory, tmp_path):
+    case = tiny_merge_factory(arch="llama", dtype="BF16", scale=0.05)
+    changed = _copy(case, tmp_path, "changed")
+    generation = json.loads((changed / "generation_config.json").read_text())
+    generation["do_sample"] = True
+    (changed / "generation_config.json").write_text(json.dumps(generation))
+    result = pytester.runpytest(
+        "--merged-model",
+        str(changed),
+        "--base-model",
+        str(case.base),
+        "--adapter",
+        str(case.adapter),
+        "--merge-checks",
+        "behaviour",
+        "--merge-examples",
+        "3",
+        "-p",
+        "no:randomly",
+        "-k",
+        "sidecars",
+    )
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*MergeHarnessWarning: merge::behaviour::sidecars: sidecar files differ:"
+            " generation_config.json (generation_config.json: do_sample: (absent) -> true)*",
+        ]
+    )
+
+
+def test_search_is_deterministic(tiny_merge_factory, tmp_path):
+    case = tiny_merge_factory(arch="gpt2", dtype="BF16", scale=0.05)
+    faulty = MergeCase(
+        inject(case.merged, case.base, "layer", tmp_path / "layer"), case.base, case.adapter
+    )
+    first, second = (run("equivalence", faulty, examples=10) for _ in range(2))
+    assert first.outcome is second.outcome is Outcome.FAILED
+    assert first.message == second.message
+    assert first.metrics["minimal_input"] == second.metrics["minimal_input"]
+    good = [run("equivalence", case, examples=6).metrics for _ in range(2)]
+    assert good[0]["worst_ratio"] == good[1]["worst_ratio"]
+    assert good[0]["merged_max_abs"] == good[1]["merged_max_abs"]
