@@ -154,13 +154,16 @@ def _setup(ctx: Context) -> Setup:
     }
     if "id2label" in head:
         head["num_labels"] = len(head["id2label"])
-    space = ProbeSpace.from_config(
-        config,
-        task=task,
-        extra_special=_tokenizer_specials(options),
-        max_length=PROBE_LENGTH,
-        max_batch=PROBE_BATCH,
-    )
+    try:
+        space = ProbeSpace.from_config(
+            config,
+            task=task,
+            extra_special=_tokenizer_specials(options),
+            max_length=PROBE_LENGTH,
+            max_batch=PROBE_BATCH,
+        )
+    except ValueError as exc:
+        raise HarnessError(f"{options.merged / 'config.json'}: {exc}") from None
     return Setup(task, stored, compare, adapter, reference, space, options.device, head)
 
 

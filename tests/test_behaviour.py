@@ -372,3 +372,15 @@ def test_search_is_deterministic(tiny_merge_factory, tmp_path):
     good = [run("equivalence", case, examples=6).metrics for _ in range(2)]
     assert good[0]["worst_ratio"] == good[1]["worst_ratio"]
     assert good[0]["merged_max_abs"] == good[1]["merged_max_abs"]
+
+
+def test_config_without_vocabulary_is_a_one_line_failure(tiny_merge_factory, tmp_path):
+    case = tiny_merge_factory(arch="llama")
+    broken = _copy(case, tmp_path, "novocab")
+    config = json.loads((broken / "config.json").read_text())
+    del config["vocab_size"]
+    (broken / "config.json").write_text(json.dumps(config))
+    result = run("equivalence", MergeCase(broken, case.base, case.adapter))
+    assert result.outcome is Outcome.FAILED
+    assert result.message.endswith("config.json: config.json has no vocab_size")
+    assert "internal error" not in result.message
