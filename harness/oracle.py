@@ -450,6 +450,26 @@ class _Done:
     nbytes: int = 0
 
 
+def _missing(
+    merged: Checkpoint, base: Checkpoint, plan: Plan, work: dict[str, list[_Work]]
+) -> list[TensorCheck]:
+    """Tensors the adapter changes that the merged checkpoint does not hold: failures."""
+    covered = {job.name for jobs in work.values() for job in jobs} | set(work)
+    covered |= {job.name.split(" (tied to ")[0] for jobs in work.values() for job in jobs}
+    missing: list[TensorCheck] = []
+    for name, edits in sorted(plan.edits.items()):
+        if name in covered or not edits:
+            continue
+        if name == plan.tied_head and name not in merged.tensors and not plan.touches_tie():
+            continue
+        info = base.tensors[edits[0].base]
+        missing.append(TensorCheck(
+            name, _role(edits), info.dtype, info.numel, [e.describe() for e in edits],
+            failed=info.numel, diagnosis="the tensor is missing from the merged checkpoint",
+        ))
+    return missing
+
+
 def run_oracle(
     merged: Checkpoint,
     base: Checkpoint,
@@ -512,7 +532,7 @@ def run_oracle(
                     check = _check_one(job, info, data, other, base.tensors[job.base], k)
                     if check is None:
                         continue
-                    if not check.ok:
+                    if not check.ok and check.diagnosis is None:
                         from harness.diagnosis import diagnose
 
                         check.diagnosis = diagnose(check, job.edits, plan, info, data,
@@ -578,6 +598,8 @@ def run_oracle(
     finally:
         if plan is not None:
             plan.release()
+    if plan is not None and problem is None:
+        result.tensors.extend(_missing(merged, base, plan, work))
     result.seconds = time.perf_counter() - started
     if not scans:
         return result, None, None
@@ -595,12 +617,12 @@ def _check_one(
     k: float,
 ) -> TensorCheck | None:
     """Compare one merged tensor (or the virtual tied head) with its base tensor and edits."""
-    from harness.deltas import is_replacement
-
     if info.shape != base_info.shape:
-        # reported by the structure checks; values cannot be compared element by element
-        return TensorCheck(job.name, "untouched" if not job.edits else "targeted",
-                           info.dtype, info.numel, note="shape differs from the base")
+        # values cannot be compared element by element: a failure, never a silent pass
+        cause = f"shape {list(info.shape)} differs from the base's {list(base_info.shape)}"
+        return TensorCheck(job.name, _role(job.edits), info.dtype, info.numel,
+                           [e.describe() for e in job.edits], failed=info.numel,
+                           diagnosis=cause, note=cause)
     if not job.edits:
         if info.dtype != base_info.dtype:
             return None
@@ -609,5 +631,14 @@ def _check_one(
         raise HarnessError(f"{info.name}: the adapter changes a {info.dtype} tensor")
     merged = tensor_from_bytes(info, data)
     base_tensor = tensor_from_bytes(base_info, other)
-    role = "replaced" if all(is_replacement(e) for e in job.edits) else "targeted"
-    return compare_edited(job.name, merged, base_tensor, job.edits, info.dtype, k, role)
+    return compare_edited(job.name, merged, base_tensor, job.edits, info.dtype, k,
+                          _role(job.edits))
+
+
+def _role(edits: Sequence[Edit]) -> str:
+    """``untouched`` without edits, ``replaced`` for copies and token rows only, else targeted."""
+    from harness.deltas import is_replacement
+
+    if not edits:
+        return "untouched"
+    return "replaced" if all(is_replacement(e) for e in edits) else "targeted"

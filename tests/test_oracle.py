@@ -144,6 +144,23 @@ def test_an_unsupported_adapter_never_passes(workshop, tmp_path):  # noqa: F811
     assert {r.outcome for r in results.values()} == {Outcome.FAILED}
 
 
+def test_missing_or_reshaped_targets_never_pass(workshop, tmp_path):  # noqa: F811
+    base = workshop.base("llama", "BF16")
+    adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"])
+    merged = tmp_path / "merged"
+    shutil.copytree(workshop.ours(base, adapter), merged)
+    tensors = read_tensors(merged)
+    q0, v0 = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    del tensors[q0]
+    tensors[v0] = tensors[v0][:8].contiguous()
+    save_file(tensors, merged / "model.safetensors", metadata={"format": "pt"})
+    failing = {t.name: t.diagnosis for t in oracle(merged, base, adapter).tensors if not t.ok}
+    assert failing == {
+        q0: "the tensor is missing from the merged checkpoint",
+        v0: "shape [8, 32] differs from the base's [16, 32]",
+    }
+
+
 def test_any_architecture_without_a_model_class(tmp_path):
     """Made-up tensor names, no config model_type, an adapter written by hand."""
     from harness.merger import merge_checkpoint
