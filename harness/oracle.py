@@ -46,7 +46,7 @@ BLOCK_ELEMENTS = int(os.environ.get("MERGE_HARNESS_BLOCK", 1 << 17))
 MIN_BUDGET = 256 * 1024 * 1024
 #: The printed form of the bound.
 BOUND_TEXT = (
-    "|M-R| <= k*ulp(|R|+S) + S, S = 1.5*ulp(delta) + (γ_r(u32)+γ_r(u_c))*|s|*||B_i||*||A_j||"
+    "|M-R| <= k*ulp(|R|+S) + S, S = 1.5*ulp(delta) + (γ_r(u32)+γ_(r+1)(u_c))*|s|*||B_i||*||A_j||"
     " + 2*u_c*(|W|+|delta|) per LoRA step (DoRA, IA3, LoHa, LoKr: their own S)"
 )
 

@@ -97,20 +97,19 @@ def _failure_line(check: TensorCheck) -> str:
     )
 
 
+def _relative(check: TensorCheck) -> float:
+    return check.error_norm / check.expected_norm if check.expected_norm else 0.0
+
+
 def _table(checks: list[TensorCheck]) -> list[str]:
-    """The compact weight-difference table: the tensors furthest from ratio 1 first."""
-
-    def distance(check: TensorCheck) -> float:
-        ratio = check.ratio
-        return abs(ratio - 1) if ratio is not None else 0.0
-
-    shown = sorted(checks, key=lambda c: (c.ok, -distance(c)))[:TABLE_ROWS]
-    lines = ["tensor | |R-W| expected | |M-W| found | ratio | max ULP | bound used"]
+    """The compact weight-difference table: failing tensors first, then the largest errors."""
+    shown = sorted(checks, key=lambda c: (c.ok, -_relative(c)))[:TABLE_ROWS]
+    lines = ["tensor | |R-W| expected | |M-W| found | ratio | |M-R|/|R-W| | max ULP | bound used"]
     for check in shown:
         ratio = f"{check.ratio:.4f}" if check.ratio is not None else "-"
         lines.append(
             f"{check.name} | {check.expected_norm:.4g} | {check.found_norm:.4g} | {ratio} |"
-            f" {check.max_ulp:.3g} | {check.bound_use:.2f}"
+            f" {_relative(check):.3g} | {check.max_ulp:.3g} | {check.bound_use:.2f}"
         )
     if len(checks) > len(shown):
         lines.append(f"... {len(checks) - len(shown)} more in metrics['layers']")
