@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,4 +198,3 @@ def rounded(w: torch.Tensor, *deltas: torch.Tensor) -> torch.Tensor:
     return value
 
 
-Fault = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
