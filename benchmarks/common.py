@@ -305,6 +305,24 @@ def measure(
     return result
 
 
+def median_run(runs: list[Measurement]) -> Measurement:
+    """The run with the median wall time, carrying the largest peak RSS of all runs and every
+    run's figures in ``extra["runs"]`` (a single run is returned as it is)."""
+    if len(runs) == 1:
+        return runs[0]
+    done = [r for r in runs if r.ok]
+    if len(done) < len(runs):
+        return next(r for r in runs if not r.ok)
+    ordered = sorted(done, key=lambda r: r.wall_s or 0.0)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.extra["runs"] = [{"wall_s": r.wall_s, "cpu_s": r.cpu_s,
+                             "peak_rss_bytes": r.peak_rss_bytes} for r in runs]
+    chosen.peak_rss_bytes = max(r.peak_rss_bytes or 0 for r in runs)
+    chosen.note = (f"median of {len(runs)}: wall "
+                   + "/".join(f"{r.wall_s:.1f}" for r in runs) + " s")
+    return chosen
+
+
 def skipped(label: str, command: list[str], note: str) -> Measurement:
     """A contender that was not started (and why)."""
     return Measurement(label, [str(c) for c in command], ran=False, note=note)
@@ -359,9 +377,44 @@ def python() -> str:
     return sys.executable
 
 
+_harness_src: list[Path] = []
+
+
+def use_harness_src(folder: Path | None) -> None:
+    """Run the contenders (and this driver's own imports) against the ``harness`` package in
+    ``folder`` (e.g. ``git archive <commit> harness | tar -x -C folder``) instead of the
+    installed one: figures then belong to a known commit, not to a working tree in flux.
+    PYTHONPATH precedes the editable install's finder, so the pytest11 entry point
+    ``harness.plugin`` resolves there too."""
+    if folder is None:
+        return
+    folder = folder.resolve()
+    if not (folder / "harness" / "__init__.py").exists():
+        raise SystemExit(f"--harness-src {folder}: no harness/__init__.py there")
+    _harness_src[:] = [folder]
+    sys.path.insert(0, str(folder))
+
+
+def provenance() -> dict[str, Any]:
+    """Which harness code was measured: ``--harness-src`` or the repository's HEAD (and
+    whether ``harness/`` had uncommitted changes then)."""
+    if _harness_src:
+        stamp = _harness_src[0] / "COMMIT"
+        return {"harness_src": str(_harness_src[0]),
+                "commit": stamp.read_text().strip() if stamp.exists() else None}
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+    return {"harness_src": "installed (working tree)", "commit": git("rev-parse", "HEAD"),
+            "harness_dirty": bool(git("status", "--porcelain", "--", "harness"))}
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment of the contenders: offline (no hub look-ups)."""
+    """Environment of the contenders: offline (no hub look-ups), ``--harness-src`` first."""
     env = dict(os.environ)
+    if _harness_src:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(_harness_src[0]), *filter(None, [env.get("PYTHONPATH")])])
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     env.update(extra)

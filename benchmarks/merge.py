@@ -41,13 +41,16 @@ from common import (
     gib,
     machine,
     measure,
+    median_run,
     meminfo,
     prepare_cache,
+    provenance,
     python,
     resolve_cache_mode,
     set_out,
     skipped,
     table,
+    use_harness_src,
     weight_files,
     write_json,
 )
@@ -65,7 +68,7 @@ DIGEST = (
 def harness_cli() -> list[str] | None:
     """How to start ``merge-harness`` (None when this build has no merger yet)."""
     probe = subprocess.run([python(), "-c", "import harness.merger, harness.cli"],
-                           capture_output=True)
+                           capture_output=True, env=child_env())
     if probe.returncode != 0:
         return None
     script = Path(python()).with_name("merge-harness")
@@ -91,10 +94,14 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
           f" {base_bytes / 1e9:.2f} GB, cache {args.cache}, shard size {shard} bytes", flush=True)
     cli = harness_cli()
     results: dict[str, Measurement] = {}
+    rounds: dict[str, list[Measurement]] = {}
     outputs: dict[str, Path] = {}
-    for key in args.only:
+    for key in [k for _ in range(args.repeat) for k in args.only]:
+        if key in results and not results[key].ran:
+            continue
         out = work / key
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()
         work.mkdir(parents=True, exist_ok=True)
         if key == "p":
             command = [python(), str(HERE / "peft_merge.py"), str(info["base"]),
@@ -103,6 +110,7 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
             if cli is None:
                 results[key] = skipped(LABELS[key], [], "did not run: harness.merger is not in"
                                        " this build")
+                rounds[key] = [results[key]]
                 print(f"   {LABELS[key]}: {results[key].note}", flush=True)
                 continue
             command = [*cli, "merge", str(info["base"]), str(info["adapter"]), str(out),
@@ -114,12 +122,14 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
         if not result.ok:
             result.note = result.note or f"exit status {result.returncode}"
         results[key] = result
+        rounds.setdefault(key, []).append(result)
         outputs[key] = out
         status = "ok" if result.ok else f"FAILED ({result.note})"
         print(f"   {LABELS[key]}: {result.wall_s:.1f} s, peak RSS {gib(result.peak_rss_bytes)}"
               f" GiB, CPU {result.cpu_s:.1f} s, {status}", flush=True)
         if not result.ok:
             print("      " + result.output_tail.replace("\n", "\n      "), flush=True)
+    results = {key: median_run(runs) for key, runs in rounds.items()}
     names = {"p": "peft", "h": "harness"}
     digests = {names[key]: digest(out) for key, out in outputs.items() if results[key].ok}
     digests["generated merged"] = digest(Path(info["merged"]))
@@ -140,7 +150,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
                          f"{gbps:.2f}" if gbps else "-",
                          gib(m.peak_rss_bytes) if m.ok else "-",
                          f"{m.cpu_s:.1f}" if m.ok and m.cpu_s is not None else "-",
-                         "ok" if m.ok else m.note])
+                         ("ok" + (f" ({m.note})" if m.note else "")) if m.ok else m.note])
             run["results"][key]["throughput_gbps"] = gbps
     print()
     print(table(["preset", "contender", "wall s", "GB/s (base)", "peak RSS GiB", "CPU s",
@@ -191,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["0.1b"])
     parser.add_argument("--root", type=Path, default=generate.DEFAULT_ROOT,
                         help="cache folder of generated models (default: %(default)s)")
+    parser.add_argument("--harness-src", type=Path, default=None, metavar="DIR",
+                        help="measure the harness package in DIR (a snapshot: git archive"
+                        " COMMIT harness | tar -x -C DIR) instead of the installed one")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the JSON results and logs (default: benchmarks/out)")
     parser.add_argument("--seed", type=int, default=0)
@@ -202,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill a contender past this resident size (default: available"
                         " memory at start minus 1 GiB)")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender, round-robin; the median wall time is reported"
+                        " with the largest peak RSS (default: %(default)s)")
     parser.add_argument("--merge-args", default="",
                         help="extra arguments for merge-harness merge, one string")
     parser.add_argument("--keep", action="store_true", help="keep both merged outputs")
@@ -213,14 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = resolve_cache_mode(args.cache)
     if args.out is not None:
         set_out(args.out)
+    use_harness_src(args.harness_src)
     limit = (int(args.mem_limit * GiB) if args.mem_limit
              else meminfo().get("MemAvailable", 8 * GiB) - GiB)
+    code = provenance()
+    print(f"harness code: {code}")
     runs = [run_preset(p, args, limit) for p in args.preset]
 
     def saved(summary: dict[str, Any] | None) -> Path:
         plain = [{k: v for k, v in run.items() if k != "_measurements"} for run in runs]
         return write_json("merge-" + "-".join(args.preset),
-                          {"machine": machine(), "mem_limit_bytes": limit, "runs": plain,
+                          {"machine": machine(), "code": code, "mem_limit_bytes": limit,
+                           "runs": plain,
                            "summary": summary, "argv": sys.argv})
 
     # Saved before the report too, so a fault in the report loses no measurement.

@@ -48,13 +48,16 @@ from common import (
     gib,
     machine,
     measure,
+    median_run,
     meminfo,
     prepare_cache,
+    provenance,
     python,
     resolve_cache_mode,
     set_out,
     skipped,
     table,
+    use_harness_src,
     weight_files,
     write_json,
 )
@@ -130,6 +133,47 @@ def family_totals(times: dict[str, float]) -> dict[str, float]:
     return totals
 
 
+def run_one(key: str, info: dict[str, Any], args: argparse.Namespace, limit: int,
+            env: dict[str, str], files: list[Path], adapter_files: list[Path],
+            core: list[str], default: list[str]) -> Measurement:
+    """One measured run of contender ``key`` (or a not-started record for (a))."""
+    work = Path(tempfile.mkdtemp(prefix=f"perf-{key}-"))
+    junit = work / "junit.xml"
+    if key == "a":
+        command = [python(), str(HERE / "naive_verify.py"), str(info["base"]),
+                   str(info["adapter"]), str(info["merged"])]
+        need = (folder_bytes(info["base"]) + folder_bytes(info["merged"])
+                + 2 * folder_bytes(info["adapter"]) + NAIVE_RUNTIME)
+        if need > limit and not args.attempt_naive:
+            shutil.rmtree(work, ignore_errors=True)
+            result = skipped(LABELS[key], command, f"did not run: needs ~{need / GiB:.1f} GiB,"
+                             f" limit {limit / GiB:.1f} GiB")
+            result.extra["need_bytes"] = need
+            return result
+    elif key == "b":
+        command = ["sha256sum", *map(str, files)]
+    elif key == "b2":
+        command = ["openssl", "dgst", "-sha256", *map(str, files)]
+    elif key == "c":
+        command = pytest_command(info, core, junit, args.pytest_args)
+    else:
+        command = pytest_command(info, default, junit, args.pytest_args)
+    prepare_cache(args.cache, files + adapter_files)
+    result = measure(LABELS[key], command, cwd=work, env=env, mem_limit=limit,
+                     timeout=args.timeout)
+    if key == "a" and result.ok:
+        result.extra.update(naive_figures(result.output_tail))
+    if key in ("c", "d"):
+        result.extra["check_seconds"] = junit_times(junit)
+        result.extra["family_seconds"] = family_totals(result.extra["check_seconds"])
+    shutil.rmtree(work, ignore_errors=True)
+    if not result.ok:
+        result.note = result.note or f"exit status {result.returncode}"
+        if key == "a" and result.note.startswith("killed at"):
+            result.note = f"did not run: {result.note}"
+    return result
+
+
 def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, Any]:
     info = generate.ensure_in_child(preset, root=args.root, seed=args.seed,
                                     max_shard_size=args.max_shard_size)
@@ -147,44 +191,20 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
           + f"\n   (d) families: {','.join(default)}", flush=True)
     env = child_env()
     results: dict[str, Measurement] = {}
-    for key in args.only:
-        work = Path(tempfile.mkdtemp(prefix=f"perf-{key}-"))
-        junit = work / "junit.xml"
-        if key == "a":
-            command = [python(), str(HERE / "naive_verify.py"), str(info["base"]),
-                       str(info["adapter"]), str(info["merged"])]
-            need = (folder_bytes(info["base"]) + folder_bytes(info["merged"])
-                    + 2 * folder_bytes(info["adapter"]) + NAIVE_RUNTIME)
-            if need > limit and not args.attempt_naive:
-                results[key] = skipped(LABELS[key], command,
-                                       f"did not run: needs ~{need / GiB:.1f} GiB, limit"
-                                       f" {limit / GiB:.1f} GiB")
-                results[key].extra["need_bytes"] = need
-                print(f"   {LABELS[key]}: {results[key].note}", flush=True)
-                continue
-        elif key == "b":
-            command = ["sha256sum", *map(str, files)]
-        elif key == "b2":
-            command = ["openssl", "dgst", "-sha256", *map(str, files)]
-        elif key == "c":
-            command = pytest_command(info, core, junit, args.pytest_args)
-        else:
-            command = pytest_command(info, default, junit, args.pytest_args)
-        prepare_cache(args.cache, files + adapter_files)
-        result = measure(LABELS[key], command, cwd=work, env=env, mem_limit=limit,
-                         timeout=args.timeout)
-        if key == "a" and result.ok:
-            result.extra.update(naive_figures(result.output_tail))
-        if key in ("c", "d"):
-            result.extra["check_seconds"] = junit_times(junit)
-            result.extra["family_seconds"] = family_totals(result.extra["check_seconds"])
-        shutil.rmtree(work, ignore_errors=True)
-        if not result.ok:
-            result.note = result.note or f"exit status {result.returncode}"
-            if key == "a" and result.note.startswith("killed at"):
-                result.note = f"did not run: {result.note}"
+    rounds: dict[str, list[Measurement]] = {}
+    # Round-robin repeats (a, b, c, a, b, c, ...) spread drifts in machine load evenly.
+    schedule = [k for r in range(args.repeat) for k in args.only
+                if r == 0 or k not in args.once]
+    for key in schedule:
+        if key in results and not results[key].ran:
+            continue
+        result = run_one(key, info, args, limit, env, files, adapter_files, core, default)
+        rounds.setdefault(key, []).append(result)
         results[key] = result
         status = "ok" if result.ok else f"FAILED ({result.note})"
+        if not result.ran:
+            print(f"   {LABELS[key]}: {result.note}", flush=True)
+            continue
         print(f"   {LABELS[key]}: {result.wall_s:.1f} s, peak RSS {gib(result.peak_rss_bytes)}"
               f" GiB, CPU {result.cpu_s:.1f} s, {status}", flush=True)
         stamps = result.extra.get("stamps")
@@ -196,6 +216,7 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
                   f" {result.extra['top1_agreement']:.3f}", flush=True)
         if not result.ok:
             print("      " + result.output_tail.replace("\n", "\n      "), flush=True)
+    results = {key: median_run(runs) for key, runs in rounds.items()}
     return {"preset": preset, "info": {k: str(v) for k, v in info.items()},
             "data_bytes": data_bytes, "cache": args.cache,
             "families_c": core, "families_d": default,
@@ -224,7 +245,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
                          f"{gbps:.2f}" if gbps else "-",
                          gib(m.peak_rss_bytes) if m.ok else "-",
                          f"{m.cpu_s:.1f}" if m.ok and m.cpu_s is not None else "-",
-                         "ok" if m.ok else m.note])
+                         ("ok" + (f" ({m.note})" if m.note else "")) if m.ok else m.note])
             run["results"][key]["throughput_gbps"] = gbps
     print()
     print(table(["preset", "contender", "wall s", "GB/s", "peak RSS GiB", "CPU s", "status"], rows))
@@ -263,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["0.1b"])
     parser.add_argument("--root", type=Path, default=generate.DEFAULT_ROOT,
                         help="cache folder of generated models (default: %(default)s)")
+    parser.add_argument("--harness-src", type=Path, default=None, metavar="DIR",
+                        help="measure the harness package in DIR (a snapshot: git archive"
+                        " COMMIT harness | tar -x -C DIR) instead of the installed one")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the JSON results and logs (default: benchmarks/out)")
     parser.add_argument("--seed", type=int, default=0)
@@ -278,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt-naive", action="store_true",
                         help="start (a) even when its estimated need exceeds the limit")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per contender, round-robin; the median wall time is reported"
+                        " with the largest peak RSS (default: %(default)s)")
+    parser.add_argument("--once", default="d",
+                        help="contenders run only once even with --repeat (default: %(default)s)")
     parser.add_argument("--pytest-args", default="",
                         help="extra arguments for the pytest runs of (c) and (d), one string")
     args = parser.parse_args(argv)
@@ -285,17 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     if not set(args.only) <= set(LABELS):
         parser.error(f"--only takes letters from {','.join(LABELS)}")
     args.pytest_args = args.pytest_args.split()
+    args.once = {k.strip() for k in args.once.split(",") if k.strip()}
     args.cache = resolve_cache_mode(args.cache)
     if args.out is not None:
         set_out(args.out)
+    use_harness_src(args.harness_src)
     limit = (int(args.mem_limit * GiB) if args.mem_limit
              else meminfo().get("MemAvailable", 8 * GiB) - GiB)
+    code = provenance()
+    print(f"harness code: {code}")
     runs = [run_preset(p, args, limit) for p in args.preset]
 
     def saved(summary: dict[str, Any] | None) -> Path:
         plain = [{k: v for k, v in run.items() if k != "_measurements"} for run in runs]
         return write_json("verify-" + "-".join(args.preset),
-                          {"machine": machine(), "mem_limit_bytes": limit, "runs": plain,
+                          {"machine": machine(), "code": code, "mem_limit_bytes": limit,
+                           "runs": plain,
                            "summary": summary, "argv": sys.argv})
 
     # Saved before the report too, so a fault in the report loses no measurement.
