@@ -14,26 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.context import Context
+from harness.merger import SIDE_FILES
 from harness.result import CheckResult, Outcome
 
-#: Files compared, in report order (the same set the streaming merger copies).
-SIDECAR_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
+#: Files compared, in report order: the same set the streaming merger copies.
+SIDECAR_FILES = SIDE_FILES
 #: Only these may come from the adapter (a retrained tokenizer); decoding defaults are the base's.
 ADAPTER_MAY_SHIP = frozenset(SIDECAR_FILES) - {"generation_config.json"}
 #: JSON keys that record who wrote the file, not what it means.
