@@ -82,12 +82,23 @@ def find_nonfinite(info: TensorInfo, data: bytearray) -> NonFinite | None:
     tensor = tensor_from_bytes(info, data).reshape(-1)
     if info.dtype.startswith("F8"):
         tensor = tensor.float()
+    # One vectorised pass first: min and max are NaN when any element is NaN and infinite when
+    # any is Inf. ``isfinite`` on bf16/fp16 is not vectorised on CPU (about 20x slower), so the
+    # mask below is built only for the rare tensor that is not finite.
+    low, high = torch.aminmax(tensor)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return None
     bad = ~torch.isfinite(tensor)
     if not bool(bad.any()):
         return None
     first = int(bad.nonzero()[0, 0])
     nan = int(torch.isnan(tensor).sum())
     return NonFinite(nan, int(bad.sum()) - nan, first, float(tensor[first]))
+
+
+def scan_tensor(info: TensorInfo, data: bytearray) -> tuple[str, NonFinite | None]:
+    """The canonical digest and NaN/Inf statistics of one tensor from its bytes in memory."""
+    return hash_tensor_stream(info, data), find_nonfinite(info, data)
 
 
 def scan_checkpoint(
@@ -98,8 +109,7 @@ def scan_checkpoint(
     digests: dict[str, str] = {}
     nonfinite: dict[str, NonFinite] = {}
     for info, data in prefetch(checkpoint):
-        digests[info.name] = hash_tensor_stream(info, data)
-        found = find_nonfinite(info, data)
+        digests[info.name], found = scan_tensor(info, data)
         if found is not None:
             nonfinite[info.name] = found
         if visit is not None:
