@@ -66,10 +66,14 @@ def _inputs(ctx: Context) -> OracleResult | CheckResult:
     return oracle(ctx)
 
 
-def _cause(result: OracleResult) -> CheckResult | None:
-    if result.problem is not None:
-        return CheckResult.failed(f"cannot verify the weights: {result.problem}")
-    return None
+def _verified(ctx: Context) -> OracleResult | CheckResult:
+    """The oracle's result, or the skip or failure every tensor-level check reports first."""
+    found = _inputs(ctx)
+    if isinstance(found, CheckResult):
+        return found
+    if found.problem is not None:
+        return CheckResult.failed(f"cannot verify the weights: {found.problem}")
+    return found
 
 
 def _fmt(value: float) -> str:
@@ -145,12 +149,9 @@ def check_supported(ctx: Context) -> CheckResult:
 
 def check_targeted(ctx: Context) -> CheckResult:
     """Every changed tensor is within ``k`` ULP (+ derived slack) of the exact reference."""
-    found = _inputs(ctx)
+    found = _verified(ctx)
     if isinstance(found, CheckResult):
         return found
-    cause = _cause(found)
-    if cause is not None:
-        return cause
     targeted = found.by_role("targeted")
     if not targeted:
         return CheckResult.skipped("the adapter adds no delta to any tensor (copies only)")
@@ -177,12 +178,9 @@ def check_targeted(ctx: Context) -> CheckResult:
 
 def check_applied(ctx: Context) -> CheckResult:
     """Every element the reference moves beyond rounding differs from the base."""
-    found = _inputs(ctx)
+    found = _verified(ctx)
     if isinstance(found, CheckResult):
         return found
-    cause = _cause(found)
-    if cause is not None:
-        return cause
     edited = [t for t in found.tensors if t.role != "untouched"]
     if not edited:
         return CheckResult.skipped("the adapter changes no tensor")
@@ -220,12 +218,9 @@ def check_applied(ctx: Context) -> CheckResult:
 
 def check_untouched(ctx: Context) -> CheckResult:
     """Every tensor the adapter does not touch is bit-identical to the base."""
-    found = _inputs(ctx)
+    found = _verified(ctx)
     if isinstance(found, CheckResult):
         return found
-    cause = _cause(found)
-    if cause is not None:
-        return cause
     untouched = found.by_role("untouched")
     modified = [t for t in untouched if t.failed]
     if modified:
@@ -249,12 +244,9 @@ def check_untouched(ctx: Context) -> CheckResult:
 
 def check_copies(ctx: Context) -> CheckResult:
     """``modules_to_save`` copies and trainable token rows are written, exactly."""
-    found = _inputs(ctx)
+    found = _verified(ctx)
     if isinstance(found, CheckResult):
         return found
-    cause = _cause(found)
-    if cause is not None:
-        return cause
     replaced = found.by_role("replaced")
     if not replaced:
         return CheckResult.skipped("the adapter has no modules_to_save copies or trainable tokens")
