@@ -2,11 +2,14 @@
 
     python benchmarks/behaviour_calibration.py --merges 300 --probes 10
     python benchmarks/behaviour_calibration.py --merges 50 --architectures llama,gpt2 --dtypes BF16
+    python benchmarks/behaviour_calibration.py --merges 300 --compare stored   # the native rule
 
 Draws merge cases with ``harness.strategies.merge_cases`` (tiny models, LoRA/rsLoRA/DoRA/patterns/
 modules_to_save, peft's merge and the streaming merger), builds each, and on hypothesis-drawn
 probes records how far the merged model M is from the reference R relative to the unmerged
-adapter model A, exactly as the check judges it:
+adapter model A, exactly as the check judges it (by default with the check's default comparison
+dtype: float32 on a CPU, where A is the reference and the floor is the twin's; ``--compare
+stored`` compares in each checkpoint's own dtype):
 
     max-ratio  = max|M-R|  / max(max|A-R|,  noise_max)
     mean-ratio = mean|M-R| / max(mean|A-R|, noise_mean)
@@ -45,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="F32,BF16,F16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jsonl", type=Path, default=None, help="also write one line per merge")
+    parser.add_argument(
+        "--compare",
+        choices=("default", "stored"),
+        default="default",
+        help="comparison dtype: the check's default, or the dtype each checkpoint stores",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="behaviour-calibration-"))
@@ -74,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         count[0] += 1
         folder = root / str(count[0])
         built = tiny.build_case(spec, folder)
-        ctx = Context(Options(merged=built.merged, base=built.base, adapter=built.adapter))
+        dtype = spec.model.dtype if args.compare == "stored" else None
+        options = Options(merged=built.merged, base=built.base, adapter=built.adapter, dtype=dtype)
+        ctx = Context(options)
         comparer = behaviour.Comparer(ctx)
         tol = comparer.tolerance
         rows = []

@@ -99,8 +99,19 @@ class Setup:
     #: config keys of a classification head passed when loading the base (labels, pad id).
     head: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def upcast(self) -> bool:
+        """Whether M computes more precisely than it stores (the reference is then A itself)."""
+        return _MANTISSA[self.compare] > _MANTISSA[self.stored]
+
     def describe(self) -> str:
         """One line naming the models and dtypes."""
+        if self.upcast:
+            return (
+                f"task {self.task}; merged and adapter model in {self.compare} (stored"
+                f" {self.stored}); reference = the adapter model; noise floor from a correct"
+                f" merge rounded to {self.stored}; device {self.device}"
+            )
         return (
             f"task {self.task}; merged in {self.compare} (stored {self.stored}), adapter model in"
             f" {self.adapter}, reference in {self.reference}; device {self.device}"
@@ -123,8 +134,18 @@ def _stored_dtype(ctx: Context) -> str:
     return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
 
 
-def _less_precise(a: str, b: str) -> str:
-    return a if _MANTISSA[a] <= _MANTISSA[b] else b
+def default_compare(stored: str, device: str) -> str:
+    """The comparison dtype when ``--merge-dtype`` is not given.
+
+    On a CPU, half-precision matmuls are emulated: a 1.1B Llama's forward pass on 4x32 tokens
+    took 16.0 s in bf16 and 2.6 s in fp32 on the benchmark machine. Upcasting bf16 or fp16
+    weights to fp32 is exact, so a CPU compares in float32 (the storage rounding is measured by
+    a correctly merged twin, see :func:`twin_outputs`). An accelerator compares in the stored
+    dtype, as the model is served.
+    """
+    if device.split(":")[0] == "cpu" and stored in ("BF16", "F16"):
+        return "F32"
+    return stored
 
 
 def setup(ctx: Context) -> Setup:
@@ -142,11 +163,18 @@ def _setup(ctx: Context) -> Setup:
     adapter_config = ctx.adapter().config if ctx.has_adapter else None
     task = task_of(adapter_config, config)
     stored = _stored_dtype(ctx)
-    compare = options.dtype or stored
+    compare = options.dtype or default_compare(stored, options.device)
     if compare not in _MANTISSA:
         raise HarnessError(f"--merge-dtype {compare}: forward passes run in F64, F32, BF16 or F16")
-    adapter = _less_precise(compare, stored)
-    reference = "F64" if _MANTISSA[adapter] >= _MANTISSA["F32"] else "F32"
+    # A runs in the comparison dtype. When that is more precise than the stored dtype, A (no
+    # merge, no rounding of merged weights) is the reference itself, and the rounding a correct
+    # merge stored in the stored dtype brings is measured on a twin (Comparer). Otherwise R is
+    # A upcast, to float64 when A runs in float32 so that A has a measurable noise of its own.
+    adapter = compare
+    if _MANTISSA[compare] > _MANTISSA[stored]:
+        reference = compare
+    else:
+        reference = "F64" if _MANTISSA[adapter] >= _MANTISSA["F32"] else "F32"
     head: dict[str, Any] = {
         k: config[k]
         for k in ("num_labels", "id2label", "label2id", "pad_token_id")
@@ -222,14 +250,46 @@ def release_models(ctx: Context) -> None:
     """Drop the context's models (fixtures that hold one keep theirs alive)."""
     cache: dict[str, Any] = ctx.memo("behaviour:models", dict)
     cache.clear()
-    if ctx.options.device.startswith("cuda"):
-        # cycles inside the models would keep device memory until the next collection
-        import gc
+    # cycles inside the models would keep device memory until the next collection
+    release_cache(ctx.options.device)
 
-        import torch
 
-        gc.collect()
-        torch.cuda.empty_cache()
+#: Bytes per element of each dtype a model runs in.
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+#: Working memory on top of the weights (activations, outputs, allocator slack), as a fraction.
+MEMORY_HEADROOM = 0.15
+
+
+def memory_shortfall(ctx: Context, pair: bool) -> str | None:
+    """Why the behaviour models cannot be held here, or None when they fit (or it is unknown).
+
+    Counts the models not loaded yet: M in the compare dtype; with ``pair``, A in its dtype and
+    either R (a copy of A in the reference dtype) or, in an upcast comparison, the transient
+    twin (a copy of A). Refusing up front gives a clear reason where loading would end in the
+    kernel's out-of-memory kill.
+    """
+    from harness.memory import shortfall
+
+    s = setup(ctx)
+    parameters = sum(info.numel for info in ctx.merged().tensors.values())
+    loaded: dict[str, Any] = ctx.memo("behaviour:models", dict)
+    sizes = {"merged": _ELEMENT_BYTES[s.compare]}
+    if pair:
+        sizes["adapter"] = _ELEMENT_BYTES[s.adapter]
+        sizes["reference"] = _ELEMENT_BYTES[s.reference]
+    needed = sum(size for key, size in sizes.items() if key not in loaded) * parameters
+    if not needed:
+        return None
+    names = {"merged": "M", "adapter": "A", "reference": "the twin" if s.upcast else "R"}
+    what = " + ".join(names[k] for k in sizes if k not in loaded)
+    reason = shortfall(
+        int(needed * (1 + MEMORY_HEADROOM)),
+        s.device,
+        f"holding {what} ({parameters / 1e9:.2f}B parameters in {s.compare})",
+    )
+    if reason is None:
+        return None
+    return f"{reason}; run it on a larger machine or with --merge-device cuda"
 
 
 def _torch_dtype(code: str) -> torch.dtype:
@@ -299,13 +359,59 @@ def reference_model(ctx: Context) -> Any:
 
     Made by upcasting a copy of A: A holds the base weights as stored and the adapter weights
     in float32 (peft's autocast), so the upcast copy has exactly the values loading the base in
-    the reference dtype would give, at a fraction of the cost of a second load.
+    the reference dtype would give, at a fraction of the cost of a second load. When A already
+    runs more precisely than the checkpoint stores (``Setup.upcast``), A is R.
     """
     import copy
 
     s = setup(ctx)
     adapter = adapter_model(ctx)
+    if s.upcast:
+        return _held(ctx, "reference", lambda: adapter)
     return _held(ctx, "reference", lambda: copy.deepcopy(adapter).to(_torch_dtype(s.reference)))
+
+
+def twin_outputs(ctx: Context, probe: ProbeInput) -> torch.Tensor:
+    """Outputs on ``probe`` of a correct merge of A stored in the stored dtype (the twin).
+
+    The twin is a copy of A merged by peft (``merge_and_unload``) with every weight rounded to
+    the stored dtype: what a correct merge saved in that dtype computes. Its deviation from R
+    is the noise the storage rounding alone brings, the floor of the upcast comparison. The
+    copy lives only for this one forward pass.
+    """
+    import copy
+
+    import torch
+
+    s = setup(ctx)
+    adapter = adapter_model(ctx)
+    stored = _torch_dtype(s.stored)
+    twin = copy.deepcopy(adapter)
+    try:
+        from harness.loading import quiet
+
+        with quiet():
+            merged = twin.merge_and_unload()
+        with torch.no_grad():
+            for parameter in merged.parameters():
+                if parameter.is_floating_point():
+                    # round to the stored dtype and back: exact for values it can hold
+                    parameter.copy_(parameter.to(stored))
+        return outputs(merged, probe, s.task, s.device)
+    finally:
+        del twin
+        release_cache(s.device)
+
+
+def release_cache(device: str) -> None:
+    """Return freed accelerator memory (a no-op on a CPU)."""
+    if device.startswith("cuda"):
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def base_model(ctx: Context) -> Any:
@@ -443,6 +549,8 @@ class Tolerance:
     noise_max: float
     noise_mean: float
     eps: float
+    #: which model's deviation on which probe set the noise floor
+    source: str = "the adapter model on the calibration probe"
 
     def limits(self, adapter: Deviation, scale: float) -> tuple[float, float]:
         """Allowed max and mean |Δ| of M on a probe where A deviates by ``adapter``."""
@@ -457,12 +565,13 @@ class Tolerance:
         return (
             f"allowed: max|M-R| <= {self.c_max:g} x max(max|A-R|, {self.noise_max:.3g}) +"
             f" eps x max|R|, mean|M-R| <= {self.c_mean:g} x max(mean|A-R|,"
-            f" {self.noise_mean:.3g}) + eps x max|R| (eps = {self.eps:.3g})"
+            f" {self.noise_mean:.3g}) + eps x max|R| (eps = {self.eps:.3g}); noise floor from"
+            f" {self.source}"
         )
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | str]:
         """JSON-able figures."""
-        return {k: float(v) for k, v in self.__dict__.items()}
+        return {k: v if isinstance(v, str) else float(v) for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -516,6 +625,48 @@ def _ratio(value: float, allowed: float) -> float:
     return value / allowed
 
 
+def merged_calibration(ctx: Context) -> torch.Tensor:
+    """M's outputs on the calibration probe (computed once: ``loads`` and the tolerance share)."""
+    s = setup(ctx)
+    return ctx.memo(
+        "behaviour:merged-calibration",
+        lambda: outputs(merged_model(ctx), s.space.calibration_probe(), s.task, s.device),
+    )
+
+
+def tolerance(ctx: Context) -> Tolerance:
+    """The calibrated tolerance of this run (its noise floor measured once per context).
+
+    The floor is A's deviation from R on the calibration probe, and in an upcast comparison
+    (A is R) the deviation of a correct merge rounded to the stored dtype (the twin).
+    """
+
+    def measure() -> Tolerance:
+        s = setup(ctx)
+        probabilistic = s.task in _PROBABILISTIC
+        calibration = s.space.calibration_probe()
+        ref = outputs(reference_model(ctx), calibration, s.task, s.device)
+        if s.upcast:
+            noise = deviation(twin_outputs(ctx, calibration), ref, probabilistic)
+            source = f"a correct merge rounded to {s.stored} (twin) on the calibration probe"
+        else:
+            noise = deviation(
+                outputs(adapter_model(ctx), calibration, s.task, s.device), ref, probabilistic
+            )
+            source = "the adapter model on the calibration probe"
+        return Tolerance(
+            C_MAX,
+            C_MEAN,
+            noise.max_abs if math.isfinite(noise.max_abs) else 0.0,
+            noise.mean_abs if math.isfinite(noise.mean_abs) else 0.0,
+            2.0 ** -_MANTISSA[s.compare],
+            source,
+        )
+
+    result: Tolerance = ctx.memo("behaviour:tolerance", measure)
+    return result
+
+
 class Comparer:
     """Runs M, A and R on probes and judges each against the calibrated tolerance."""
 
@@ -525,17 +676,8 @@ class Comparer:
         self.adapter = adapter_model(ctx)
         self.reference = reference_model(ctx)
         self.probabilistic = self.setup.task in _PROBABILISTIC
-        calibration = self.setup.space.calibration_probe()
-        ref = self._run(self.reference, calibration)
-        noise = deviation(self._run(self.adapter, calibration), ref, self.probabilistic)
-        self.tolerance = Tolerance(
-            C_MAX,
-            C_MEAN,
-            noise.max_abs if math.isfinite(noise.max_abs) else 0.0,
-            noise.mean_abs if math.isfinite(noise.mean_abs) else 0.0,
-            2.0 ** -_MANTISSA[self.setup.compare],
-        )
-        self.calibration = calibration
+        self.calibration = self.setup.space.calibration_probe()
+        self.tolerance = tolerance(ctx)
 
     def _run(self, model: Any, probe: ProbeInput) -> torch.Tensor:
         return outputs(model, probe, self.setup.task, self.setup.device)
@@ -544,7 +686,9 @@ class Comparer:
         """M's and A's deviations from R on ``probe``, and the verdict."""
         ref = self._run(self.reference, probe)
         merged = deviation(self._run(self.merged, probe), ref, self.probabilistic)
-        adapter = deviation(self._run(self.adapter, probe), ref, self.probabilistic)
+        # A is R in an upcast comparison: its deviation is zero without a second forward pass
+        adapter_out = ref if self.adapter is self.reference else self._run(self.adapter, probe)
+        adapter = deviation(adapter_out, ref, self.probabilistic)
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         allowed_max, allowed_mean = self.tolerance.limits(adapter, scale)
         return Figures(probe, merged, adapter, scale, allowed_max, allowed_mean)
@@ -685,7 +829,7 @@ def check_loads(ctx: Context) -> CheckResult:
     """The merged folder loads with the task's auto class, fully, and gives finite outputs."""
     import torch
 
-    reason = _skip_reason(ctx, pair=False)
+    reason = _skip_reason(ctx, pair=False) or memory_shortfall(ctx, pair=False)
     if reason:
         return CheckResult.skipped(reason)
     s = setup(ctx)
@@ -703,19 +847,26 @@ def check_loads(ctx: Context) -> CheckResult:
             missing_keys=missing,
         )
     probe = s.space.calibration_probe()
-    values = outputs(model, probe, s.task, s.device)
-    bad = int((~torch.isfinite(values)).sum())
-    if bad:
-        return CheckResult.failed(
-            f"{name} gives {bad} non-finite output value(s) of {values.numel()} on a"
-            f" {probe.batch}x{probe.length} probe (overflow in {s.compare}?)",
-            [s.describe(), f"probe: {probe.describe()}"],
-            nonfinite=bad,
-        )
+    runs = [(s.compare, probe, merged_calibration(ctx))]
+    if s.stored == "F16" and s.compare != "F16":
+        # fp16's range (65504) is what overflows; compare in fp32 cannot show it, so one row
+        # also runs in fp16 (the weights hold fp16 values: the casts are exact)
+        row = pad_rows([list(probe.input_ids[0])], "none", 0)
+        runs.append(("F16", row, _outputs_in(model, "F16", row, s)))
+    for dtype, used, values in runs:
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            return CheckResult.failed(
+                f"{name} gives {bad} non-finite output value(s) of {values.numel()} on a"
+                f" {used.batch}x{used.length} probe (overflow in {dtype}?)",
+                [s.describe(), f"probe: {used.describe()}"],
+                nonfinite=bad,
+            )
     unexpected = list(info.get("unexpected_keys", []))
     message = (
         f"loads as {name} ({s.compare}, {s.device}); outputs finite on a"
         f" {probe.batch}x{probe.length} probe"
+        + "".join(f" and in {d} on a {u.batch}x{u.length} probe" for d, u, _ in runs[1:])
     )
     if unexpected:
         return CheckResult(
@@ -728,9 +879,19 @@ def check_loads(ctx: Context) -> CheckResult:
     return CheckResult.passed(message, task=s.task, dtype=s.compare, model_class=name)
 
 
+def _outputs_in(model: Any, dtype: str, probe: ProbeInput, s: Setup) -> torch.Tensor:
+    """``model``'s outputs on ``probe`` computed in ``dtype`` (the model is cast back after)."""
+    before = next(model.parameters()).dtype
+    model.to(_torch_dtype(dtype))
+    try:
+        return outputs(model, probe, s.task, s.device)
+    finally:
+        model.to(before)
+
+
 def check_equivalence(ctx: Context) -> CheckResult:
     """On hypothesis probes, M deviates from R no more than A's rounding noise allows."""
-    reason = _skip_reason(ctx, pair=True)
+    reason = _skip_reason(ctx, pair=True) or memory_shortfall(ctx, pair=True)
     if reason:
         return CheckResult.skipped(reason)
     comparer = Comparer(ctx)
@@ -882,6 +1043,9 @@ def check_generation(ctx: Context) -> CheckResult:
     if s.task != "CAUSAL_LM":
         release_models(ctx)
         return CheckResult.skipped(f"greedy decoding applies to causal LMs, not {s.task}")
+    reason = memory_shortfall(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
     comparer = Comparer(ctx)
     tol = comparer.tolerance
     lines: list[str] = []

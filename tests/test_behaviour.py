@@ -162,22 +162,40 @@ def test_generation_reports_first_divergence(tiny_merge_factory, tmp_path):
     assert "prompt 1 token" in bad.message and "not a rounding tie" in bad.message
 
 
-def test_merge_dtype_option_compares_in_fp32(tiny_merge_factory, tmp_path):
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        # default on a CPU: fp32 compute, A is the reference, floor from the bf16-rounded twin
+        (None, {"compare": "F32", "adapter": "F32", "reference": "F32"}),
+        # --merge-dtype BF16: compute as stored, A in bf16 against an fp32 reference
+        ("BF16", {"compare": "BF16", "adapter": "BF16", "reference": "F32"}),
+    ],
+)
+def test_merge_dtype_picks_the_comparison(dtype, expected, tiny_merge_factory, tmp_path):
     case = tiny_merge_factory(arch="qwen2", dtype="BF16", scale=0.05)
-    result = run("equivalence", case, examples=5, dtype="F32")
+    result = run("equivalence", case, examples=5, dtype=dtype)
     assert result.outcome is Outcome.PASSED, explain(result)
-    assert result.metrics["setup"] == {
-        "task": "CAUSAL_LM",
-        "stored": "BF16",
-        "compare": "F32",
-        "adapter": "BF16",
-        "reference": "F32",
-        "device": "cpu",
-    }
+    setup = result.metrics["setup"]
+    assert setup == {"task": "CAUSAL_LM", "stored": "BF16", "device": "cpu", **expected}
+    twin = "twin" in result.metrics["tolerance"]["source"]
+    assert twin is (dtype is None), explain(result)
     faulty = MergeCase(
         inject(case.merged, case.base, "scale", tmp_path / "scale"), case.base, case.adapter
     )
-    assert run("equivalence", faulty, examples=10, dtype="F32").outcome is Outcome.FAILED
+    assert run("equivalence", faulty, examples=10, dtype=dtype).outcome is Outcome.FAILED
+
+
+def test_upcast_floor_is_the_storage_rounding(tiny_merge_factory):
+    """In fp32 compute of a bf16 merge, the floor is the twin's deviation: far below bf16 compute
+    noise, and a correct merge sits near it (it is such a merge)."""
+    case = tiny_merge_factory(arch="llama", dtype="BF16", scale=0.05)
+    upcast = run("equivalence", case, examples=5)
+    native = run("equivalence", case, examples=5, dtype="BF16")
+    assert upcast.outcome is Outcome.PASSED and native.outcome is Outcome.PASSED
+    floor = upcast.metrics["tolerance"]["noise_max"]
+    assert 0 < floor < native.metrics["tolerance"]["noise_max"], explain(upcast)
+    assert upcast.metrics["adapter_max_abs"] == 0  # A is the reference
+    assert upcast.metrics["merged_max_abs"] <= behaviour.C_MAX * floor, explain(upcast)
 
 
 # ---- other model classes ---------------------------------------------------------------------
@@ -244,8 +262,10 @@ def test_nonfinite_outputs_fail_loads(tiny_merge_factory, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
     tensors[name] = torch.full_like(tensors[name], 60000.0)
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    result = run("loads", MergeCase(broken, case.base, case.adapter))
-    assert result.outcome is Outcome.FAILED and "non-finite" in result.message
+    for dtype in (None, "F16"):  # fp32 compute checks fp16's range on one row too
+        result = run("loads", MergeCase(broken, case.base, case.adapter), dtype=dtype)
+        assert result.outcome is Outcome.FAILED and "non-finite" in result.message
+        assert "overflow in F16" in result.message, explain(result)
 
 
 def test_missing_libraries_skip(monkeypatch, tiny_merge_factory):
