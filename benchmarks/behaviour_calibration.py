@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.probes):
             probe = data.draw(comparer.setup.space.strategy())
             f = comparer.measure(probe)
-            r_max = _ratio(f.merged.max_abs, max(f.adapter.max_abs, tol.noise_max))
-            r_mean = _ratio(f.merged.mean_abs, max(f.adapter.mean_abs, tol.noise_mean))
+            r_max = _ratio(f.merged.max_abs, max(f.noise.max_abs, tol.noise_max))
+            r_mean = _ratio(f.merged.mean_abs, max(f.noise.mean_abs, tol.noise_mean))
             rows.append((r_max, r_mean, f.ok))
             key = (spec.model.arch, spec.model.dtype)
             worst[key][0] = max(worst[key][0], r_max)

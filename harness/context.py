@@ -80,6 +80,10 @@ class Context:
             raise value.error
         return value  # type: ignore[no-any-return]
 
+    def known(self, key: str) -> bool:
+        """Whether ``key`` was computed (or its computation failed) already."""
+        return key in self._memo
+
     def seed(self, key: str, value: Any) -> None:
         """Record ``value`` for ``key`` unless it is known already.
 

@@ -177,8 +177,10 @@ def test_merge_dtype_picks_the_comparison(dtype, expected, tiny_merge_factory, t
     assert result.outcome is Outcome.PASSED, explain(result)
     setup = result.metrics["setup"]
     assert setup == {"task": "CAUSAL_LM", "stored": "BF16", "device": "cpu", **expected}
-    twin = "twin" in result.metrics["tolerance"]["source"]
-    assert twin is (dtype is None), explain(result)
+    source = result.metrics["tolerance"]["source"]
+    assert "(the twin)" in source
+    # in an upcast comparison A is the reference: only the twin has a noise to measure
+    assert ("adapter model" in source) is (dtype is not None), explain(result)
     faulty = MergeCase(
         inject(case.merged, case.base, "scale", tmp_path / "scale"), case.base, case.adapter
     )
@@ -404,3 +406,33 @@ def test_config_without_vocabulary_is_a_one_line_failure(tiny_merge_factory, tmp
     assert result.outcome is Outcome.FAILED
     assert result.message.endswith("config.json: config.json has no vocab_size")
     assert "internal error" not in result.message
+
+
+def test_models_that_cannot_fit_are_refused_before_loading(monkeypatch, tiny_merge_factory):
+    # the tiny models fit anywhere: demand a working margin no machine has
+    monkeypatch.setattr(behaviour, "MEMORY_HEADROOM", 1e12)
+    case = tiny_merge_factory(arch="llama", dtype="BF16")
+    fresh = MergeCase(case.merged, case.base, case.adapter)
+    try:
+        ctx = fresh.context()
+        for name, models in (("loads", "M"), ("equivalence", "M + A + the twin")):
+            result = run_check(CHECKS[name], ctx)
+            assert result.outcome is Outcome.SKIPPED, explain(result)
+            assert f"holding {models} (" in result.message and "GiB is available" in result.message
+            assert "\n" not in result.message
+        assert not ctx.memo("behaviour:models", dict)  # nothing was loaded
+    finally:
+        fresh.release()
+
+
+def test_available_memory_reads_the_kernel_figure(tmp_path):
+    from harness.memory import GIB, available_bytes, shortfall
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    2097152 kB\n")
+    assert available_bytes("cpu", meminfo) == 2 * GIB
+    assert available_bytes("cpu", tmp_path / "absent") is None
+    real = available_bytes("cpu")
+    assert real is None or real > 0
+    assert shortfall(1, "cpu") is None
+    assert "needs about" in (shortfall(1 << 60, "cpu", "x") or "needs about")
