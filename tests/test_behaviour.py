@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Correct merges the main property checks (the done-when asks for at least 200 in total).
 CORRECT_MERGES = 200
-#: Probes per correct merge (each probe is a batch of up to 4 x 32 tokens).
+#: Probes per correct merge (each probe is a batch of up to 2 x 32 tokens).
 PROBES_PER_MERGE = 3
 CHECKS = {c.name: c for c in behaviour.checks(Options())}
 
@@ -436,3 +436,30 @@ def test_available_memory_reads_the_kernel_figure(tmp_path):
     assert real is None or real > 0
     assert shortfall(1, "cpu") is None
     assert "needs about" in (shortfall(1 << 60, "cpu", "x") or "needs about")
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"fan_in_fan_out": True}])
+def test_twin_is_a_correct_merge_and_leaves_the_adapter_model_alone(lora, tiny_merge_factory):
+    import copy
+
+    arch = "gpt2" if lora.get("fan_in_fan_out") else "llama"
+    case = tiny_merge_factory(arch=arch, dtype="F32", scale=0.05, **lora)
+    fresh = MergeCase(case.merged, case.base, case.adapter)
+    try:
+        adapter = behaviour.adapter_model(fresh.context())
+        before = {k: v.clone() for k, v in adapter.state_dict().items()}
+        twin = behaviour.build_twin(adapter, torch.float32)
+        after = adapter.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # A untouched
+        # the fused merge is peft's merge up to fp32 rounding of the sum
+        expected = copy.deepcopy(adapter).merge_and_unload().state_dict()
+        got = twin.state_dict()
+        assert expected.keys() == got.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        base = load_file(case.base / "model.safetensors")
+        changed = [k for k in got if k in base and not torch.equal(got[k], base[k].float())]
+        assert changed  # the adapter did move weights: the comparison above is not vacuous
+    finally:
+        fresh.release()
