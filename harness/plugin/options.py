@@ -64,7 +64,8 @@ def add_options(parser: pytest.Parser) -> None:
         dest="merge_dtype",
         default=None,
         metavar="DTYPE",
-        help="dtype for the forward-pass comparison (default: the checkpoint's)",
+        help="dtype for the forward-pass comparison (default: fp32 on a CPU for bf16/fp16"
+        " checkpoints, else the checkpoint's)",
     )
     group.addoption(
         "--merge-examples",
