@@ -1,31 +1,34 @@
 """Behaviour checks: the merged model computes what the unmerged adapter model computes.
 
-Three models run on the same inputs:
+Models run on the same inputs:
 
 - **M**, the merged model, loaded from its own folder with the task's ``AutoModelFor*`` class
   exactly as a user would (so config-level faults such as re-tied embeddings, a head the class
-  never builds, or missing weights show), in the comparison dtype ``C`` (``--merge-dtype``, by
-  default the dtype the merged checkpoint stores);
-- **A**, the unmerged adapter model (``PeftModel`` on the base) in ``C`` (or in the stored dtype
-  when ``C`` is more precise: the merged weights carry that dtype's rounding, A's do not);
+  never builds, or missing weights show), in the comparison dtype ``C`` (``--merge-dtype``; by
+  default float32 on a CPU for bf16/fp16 checkpoints, else the dtype the checkpoint stores);
+- **A**, the unmerged adapter model (``PeftModel`` on the base), in ``C``;
 - **R**, the reference: base upcast + adapter, unmerged, in float32 — in float64 when A runs in
-  float32, so that even an fp32 A has a measurable rounding noise of its own.
+  float32, so that even an fp32 A has a measurable rounding noise of its own. When ``C`` is more
+  precise than the stored dtype (``Setup.upcast``), A is R;
+- **T**, the twin: a correct merge of A rounded to the stored dtype. It carries the one rounding
+  A never does, that of the merged weights themselves.
 
 On a probe input each model's deviation from R is measured over the non-padded positions (max
 and mean ``|Δlogit|``, KL divergence, top-1/top-k agreement). A merge is correct when M is no
-further from R than rounding noise, and A's deviation *is* rounding noise in that dtype. So the
+further from R than rounding noise, and A's and T's deviations *are* rounding noise. So the
 check passes a probe when::
 
-    max|M-R|  <= C_MAX  * max(max|A-R|,  noise_max)  + eps(C) * max|R|
-    mean|M-R| <= C_MEAN * max(mean|A-R|, noise_mean) + eps(C) * max|R|
+    max|M-R|  <= C_MAX  * max(max|A-R|,  max|T-R|,  noise_max)  + eps(C) * max|R|
+    mean|M-R| <= C_MEAN * max(mean|A-R|, mean|T-R|, noise_mean) + eps(C) * max|R|
 
-``noise_*`` are A's deviations on a fixed full-size calibration probe (A's noise on one short
-input can be very small by chance; the calibration floor keeps the ratio meaningful), and the
-last term is one unit of the comparison dtype at the logit scale (so equal outputs always pass).
-``C_MAX`` and ``C_MEAN`` were calibrated on thousands of probes of correct merges (see
-``CALIBRATION``); they are printed with every result. Hypothesis draws the probes
-(``--merge-examples``, derandomised) and shrinks a failure to a minimal input, which the message
-shows.
+``noise_*`` are the larger of A's and T's deviations on a fixed full-size calibration probe (the
+noise on one short input can be very small by chance; the calibration floor keeps the ratio
+meaningful), and the last term is one unit of the comparison dtype at the logit scale (so equal
+outputs always pass). T runs on a probe only when M fails without it: T can only raise the
+bound, so the verdict is the same. ``C_MAX`` and ``C_MEAN`` were calibrated on thousands of
+probes of correct merges (see ``CALIBRATION``); they are printed with every result. Hypothesis
+draws the probes (``--merge-examples``, derandomised) and shrinks a failure to a minimal input,
+which the message shows.
 """
 
 from __future__ import annotations
