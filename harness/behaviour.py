@@ -50,15 +50,17 @@ from harness.result import Check, CheckResult, Kind, Outcome
 if TYPE_CHECKING:
     import torch
 
-#: Allowed ratio of M's to A's max |Δlogit| (see CALIBRATION).
+#: Allowed ratio of M's max |Δlogit| to the noise's (see CALIBRATION).
 C_MAX = 11.0
-#: Allowed ratio of M's to A's mean |Δlogit| (see CALIBRATION).
-C_MEAN = 7.0
+#: Allowed ratio of M's mean |Δlogit| to the noise's (see CALIBRATION).
+C_MEAN = 9.0
 #: How the constants were obtained (printed in the details of every result).
 CALIBRATION = (
-    "C_MAX, C_MEAN: 1.5x the largest ratios (6.79, 4.21) seen on 4188 probes of 449 correct"
-    " tiny merges (6 architectures; fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns,"
-    " modules_to_save; benchmarks/behaviour_calibration.py --merges 400 --seed 1)"
+    "C_MAX, C_MEAN: 1.5x the largest ratios seen on correct tiny merges (6 architectures; fp32,"
+    " bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save): 6.79, 4.21 on 4188 probes of"
+    " 449 merges compared in the stored dtype (benchmarks/behaviour_calibration.py --merges 400"
+    " --seed 1 --compare stored); 5.66, 5.83 on 1612 probes of 169 merges in the CPU default"
+    " (--merges 150 --probes 10 --seed 1)"
 )
 #: Largest probe drawn: rows and tokens per row. Two rows already put a padded row beside a
 #: longer one (the padding and mask paths); more rows only add forward-pass time, which at full
