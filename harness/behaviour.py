@@ -96,12 +96,8 @@ class Setup:
     task: str
     #: dtype the merged checkpoint stores (dominant floating dtype by bytes).
     stored: str
-    #: dtype M runs in.
+    #: dtype M and A run in.
     compare: str
-    #: dtype A runs in.
-    adapter: str
-    #: dtype R runs in.
-    reference: str
     space: ProbeSpace
     device: str
     #: config keys of a classification head passed when loading the base (labels, pad id).
@@ -111,6 +107,24 @@ class Setup:
     def upcast(self) -> bool:
         """Whether M computes more precisely than it stores (the reference is then A itself)."""
         return _MANTISSA[self.compare] > _MANTISSA[self.stored]
+
+    @property
+    def adapter(self) -> str:
+        """The dtype A runs in: the comparison dtype."""
+        return self.compare
+
+    @property
+    def reference(self) -> str:
+        """The dtype R runs in.
+
+        In an upcast comparison A (no merge, no rounding of merged weights) is R itself, and
+        the rounding a correct merge stored in the stored dtype brings is measured on the twin.
+        Otherwise R is A upcast, to float64 when A runs in float32 so that A has a measurable
+        noise of its own.
+        """
+        if self.upcast:
+            return self.compare
+        return "F64" if _MANTISSA[self.compare] >= _MANTISSA["F32"] else "F32"
 
     def describe(self) -> str:
         """One line naming the models and dtypes."""
@@ -134,11 +148,10 @@ def missing_libraries() -> str | None:
     return None
 
 
-def _stored_dtype(ctx: Context, which: str = "merged") -> str:
-    """The dominant floating dtype (by bytes) of the merged or the base checkpoint."""
-    checkpoint = ctx.merged() if which == "merged" else ctx.base()
+def _stored_dtype(ctx: Context) -> str:
+    """The dominant floating dtype (by bytes) of the merged checkpoint."""
     sizes: dict[str, int] = {}
-    for info in checkpoint.tensors.values():
+    for info in ctx.merged().tensors.values():
         if info.dtype in _MANTISSA:
             sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
     return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
@@ -162,7 +175,7 @@ def default_compare(stored: str, device: str) -> str:
     On a CPU, half-precision matmuls are emulated: a 1.1B Llama's forward pass on 4x32 tokens
     took 16.0 s in bf16 and 2.6 s in fp32 on the benchmark machine. Upcasting bf16 or fp16
     weights to fp32 is exact, so a CPU compares in float32 (the storage rounding is measured by
-    a correctly merged twin, see :func:`twin_outputs`). An accelerator compares in the stored
+    a correctly merged twin, see :func:`twin_model`). An accelerator compares in the stored
     dtype, as the model is served.
     """
     if device.split(":")[0] == "cpu" and stored in ("BF16", "F16"):
@@ -188,15 +201,6 @@ def _setup(ctx: Context) -> Setup:
     compare = options.dtype or default_compare(stored, options.device)
     if compare not in _MANTISSA:
         raise HarnessError(f"--merge-dtype {compare}: forward passes run in F64, F32, BF16 or F16")
-    # A runs in the comparison dtype. When that is more precise than the stored dtype, A (no
-    # merge, no rounding of merged weights) is the reference itself, and the rounding a correct
-    # merge stored in the stored dtype brings is measured on a twin (Comparer). Otherwise R is
-    # A upcast, to float64 when A runs in float32 so that A has a measurable noise of its own.
-    adapter = compare
-    if _MANTISSA[compare] > _MANTISSA[stored]:
-        reference = compare
-    else:
-        reference = "F64" if _MANTISSA[adapter] >= _MANTISSA["F32"] else "F32"
     head: dict[str, Any] = {
         k: config[k]
         for k in ("num_labels", "id2label", "label2id", "pad_token_id")
@@ -214,7 +218,7 @@ def _setup(ctx: Context) -> Setup:
         )
     except ValueError as exc:
         raise HarnessError(f"{options.merged / 'config.json'}: {exc}") from None
-    return Setup(task, stored, compare, adapter, reference, space, options.device, head)
+    return Setup(task, stored, compare, space, options.device, head)
 
 
 def _tokenizer_specials(options: Options) -> tuple[int, ...]:
@@ -286,8 +290,8 @@ def memory_shortfall(ctx: Context, pair: bool) -> str | None:
     """Why the behaviour models cannot be held here, or None when they fit (or it is unknown).
 
     Counts the models not loaded yet: M in the compare dtype; with ``pair``, A in its dtype,
-    R (a copy of A in the reference dtype; none in an upcast comparison) and the transient
-    twin (a copy of A, alive while the noise floor is measured). Refusing up front gives a
+    R (a copy of A in the reference dtype; none in an upcast comparison) and the twin (a
+    merged copy of A, held during the equivalence search). Refusing up front gives a
     clear reason where loading would end in the kernel's out-of-memory kill.
     """
     from harness.memory import shortfall
@@ -674,11 +678,14 @@ class Tolerance:
 
     def limits(self, noise: Deviation, scale: float) -> tuple[float, float]:
         """Allowed max and mean |Δ| of M on a probe whose own rounding noise is ``noise``."""
-        floor = self.eps * scale
         return (
-            self.c_max * max(noise.max_abs, self.noise_max) + floor,
-            self.c_mean * max(noise.mean_abs, self.noise_mean) + floor,
+            self.max_allowed(noise.max_abs, scale),
+            self.c_mean * max(noise.mean_abs, self.noise_mean) + self.eps * scale,
         )
+
+    def max_allowed(self, noise_max: float, scale: float) -> float:
+        """Allowed max |Δ| where the noise's max |Δ| is ``noise_max`` and R's max |R| ``scale``."""
+        return self.c_max * max(noise_max, self.noise_max) + self.eps * scale
 
     def describe(self) -> str:
         """The rule with its figures."""
@@ -1243,12 +1250,12 @@ def check_generation(ctx: Context) -> CheckResult:
         )
         gap = abs(float(r[m_tok] - r[a_tok]))
         noise = float((a - r).abs().max())
-        allowed = tol.c_max * max(noise, tol.noise_max) + tol.eps * float(r.abs().max())
+        allowed = tol.max_allowed(noise, float(r.abs().max()))
         if gap > 2 * allowed:
             # only a larger noise can tolerate it: the twin's on this prefix
             twin = comparer._run(twin_model(ctx), prefix)[-1]
             noise = max(noise, float((twin - r).abs().max()))
-            allowed = tol.c_max * max(noise, tol.noise_max) + tol.eps * float(r.abs().max())
+            allowed = tol.max_allowed(noise, float(r.abs().max()))
         where = (
             f"prompt {number} token {first + 1}: merged picks {m_tok}, adapter model"
             f" picks {a_tok}; reference logits differ by {gap:.3g}"
