@@ -496,24 +496,7 @@ class Checkpoint:
 
             tensor = self._pickled[name].contiguous()
             return bytearray(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        buffer = bytearray(info.nbytes)
-        try:
-            with info.file.open("rb", buffering=0) as handle:
-                handle.seek(info.start)
-                view = memoryview(buffer)
-                got = 0
-                while got < info.nbytes:
-                    n = handle.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-        except OSError as exc:
-            raise CheckpointError(
-                f"{info.file}: cannot read {name!r}: {exc.strerror or exc}"
-            ) from None
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading {name!r}")
-        return buffer
+        return read_range(info, bytearray(info.nbytes))
 
     def tensor(self, name: str, buffer: bytearray | None = None) -> torch.Tensor:
         """One tensor as a CPU torch tensor, from ``buffer`` when the bytes are already read."""
@@ -542,3 +525,24 @@ def tensor_from_bytes(info: TensorInfo, buffer: bytearray) -> torch.Tensor:
         return torch.empty(info.shape, dtype=dtype)
     # (nbytes,) uint8 -> (numel,) dtype -> shape; shares memory with the buffer, no copy.
     return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+
+
+def read_range(info: TensorInfo, buffer: bytearray) -> bytearray:
+    """Read one safetensors tensor's bytes into ``buffer`` (at least ``info.nbytes`` long)."""
+    view = memoryview(buffer)
+    got = 0
+    try:
+        with info.file.open("rb", buffering=0) as handle:
+            handle.seek(info.start)
+            while got < info.nbytes:
+                n = handle.readinto(view[got : info.nbytes])
+                if not n:
+                    break
+                got += n
+    except OSError as exc:
+        raise CheckpointError(
+            f"{info.file}: cannot read {info.name!r}: {exc.strerror or exc}"
+        ) from None
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}")
+    return buffer

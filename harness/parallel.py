@@ -210,21 +210,6 @@ def workspace(numel: int, dtype: torch.dtype, slot: str = "delta") -> torch.Tens
 
 def read_into(info: TensorInfo, pool: BufferPool) -> bytearray:
     """Read one tensor's bytes into a pooled buffer (safetensors files only)."""
-    from harness.errors import CheckpointError
+    from harness.checkpoint import read_range
 
-    buffer = pool.get(info.nbytes)
-    view = memoryview(buffer)
-    got = 0
-    try:
-        with info.file.open("rb", buffering=0) as handle:
-            handle.seek(info.start)
-            while got < info.nbytes:
-                n = handle.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-    except OSError as exc:
-        raise CheckpointError(f"{info.file.name}: cannot read {info.name!r}: {exc}") from None
-    if got != info.nbytes:
-        raise CheckpointError(f"{info.file.name}: truncated while reading {info.name!r}")
-    return buffer
+    return read_range(info, pool.get(info.nbytes))
