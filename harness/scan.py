@@ -7,9 +7,7 @@ while the next one is read. At most two tensors are held at a time.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harness.checkpoint import Checkpoint, TensorInfo, tensor_from_bytes
@@ -35,44 +33,6 @@ class ScanResult:
     nonfinite: dict[str, NonFinite] = field(default_factory=dict)
 
 
-def prefetch(
-    checkpoint: Checkpoint, order: list[TensorInfo] | None = None, depth: int = 2
-) -> Iterator[tuple[TensorInfo, bytearray]]:
-    """Yield (info, bytes) in file order while a thread reads up to ``depth`` tensors ahead."""
-    items = order if order is not None else checkpoint.in_file_order()
-    slots: queue.Queue[tuple[TensorInfo, bytearray] | BaseException | None] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for info in items:
-                if stop.is_set():
-                    return
-                slots.put((info, checkpoint.read_bytes(info.name)))
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            slots.put(exc)
-            return
-        slots.put(None)
-
-    thread = threading.Thread(target=read, name="merge-harness-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
 def find_nonfinite(info: TensorInfo, data: bytearray) -> NonFinite | None:
     """NaN/Inf statistics of one floating tensor, or None when every element is finite."""
     if info.dtype not in FLOATING or info.numel == 0:
@@ -96,7 +56,11 @@ def find_nonfinite(info: TensorInfo, data: bytearray) -> NonFinite | None:
     return NonFinite(nan, int(bad.sum()) - nan, first, float(tensor[first]))
 
 
-def scan_tensor(info: TensorInfo, data: bytearray) -> tuple[str, NonFinite | None]:
+#: A tensor's canonical digest and its NaN/Inf statistics (None when finite).
+Scanned = tuple[str, NonFinite | None]
+
+
+def scan_tensor(info: TensorInfo, data: bytearray) -> Scanned:
     """The canonical digest and NaN/Inf statistics of one tensor from its bytes in memory."""
     return hash_tensor_stream(info, data), find_nonfinite(info, data)
 
@@ -105,13 +69,33 @@ def scan_checkpoint(
     checkpoint: Checkpoint,
     visit: Callable[[TensorInfo, bytearray], None] | None = None,
 ) -> ScanResult:
-    """Stream a checkpoint once: digest and finite-check every tensor, then call ``visit``."""
+    """Stream a checkpoint once: digest and finite-check every tensor, then call ``visit``.
+
+    A reader thread stays up to two tensors ahead while a worker scans (``parallel.pipeline``);
+    ``visit`` runs here, in file order.
+    """
+    from harness.parallel import ByteBudget, pipeline
+
+    order = checkpoint.in_file_order()
+    budget = ByteBudget(2 * max((info.nbytes for info in order), default=0))
+
+    def read(info: TensorInfo) -> tuple[TensorInfo, bytearray]:
+        return info, checkpoint.read_bytes(info.name)
+
+    def scan(item: tuple[TensorInfo, bytearray]) -> tuple[TensorInfo, bytearray, Scanned]:
+        return (*item, scan_tensor(*item))
+
     digests: dict[str, str] = {}
     nonfinite: dict[str, NonFinite] = {}
-    for info, data in prefetch(checkpoint):
-        digests[info.name], found = scan_tensor(info, data)
-        if found is not None:
-            nonfinite[info.name] = found
-        if visit is not None:
-            visit(info, data)
+    for info, data, (digest, found) in pipeline(
+        order, read, scan, lambda info: info.nbytes, budget, 1
+    ):
+        try:
+            digests[info.name] = digest
+            if found is not None:
+                nonfinite[info.name] = found
+            if visit is not None:
+                visit(info, data)
+        finally:
+            budget.release(info.nbytes)
     return ScanResult(Manifest(combine(digests), digests, {}), nonfinite)
