@@ -15,7 +15,7 @@ stored`` compares in each checkpoint's own dtype):
     mean-ratio = mean|M-R| / max(mean|A-R|, noise_mean)
 
 Prints the largest ratios per architecture and dtype, and the constants the check should use:
-1.5x the largest ratio seen, rounded up to a whole number (``harness.behaviour.C_MAX`` and
+1.5x the largest ratio seen, rounded up to a whole number (``harness.behaviour.measure.C_MAX`` and
 ``C_MEAN``). Every merge here is correct, so any ratio is rounding noise.
 """
 
@@ -35,8 +35,10 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from harness import behaviour, tiny
-from harness.context import Context, Options
+import harness.behaviour.measure as behaviour
+from harness import tiny
+from harness.run.context import Context
+from harness.run.settings import Settings
 from harness.strategies import merge_cases
 
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = root / str(count[0])
         built = tiny.build_case(spec, folder)
         dtype = spec.model.dtype if args.compare == "stored" else None
-        options = Options(merged=built.merged, base=built.base, adapter=built.adapter, dtype=dtype)
+        options = Settings(merged=built.merged, base=built.base, adapter=built.adapter, dtype=dtype)
         ctx = Context(options)
         comparer = behaviour.Comparer(ctx)
         tol = comparer.tolerance

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from faults import inject
 
-from harness import behaviour
+import harness.behaviour.measure as behaviour
 from harness.case import MergeCase
-from harness.context import Options
 from harness.plugin.fixtures import TinyMergeFactory
-from harness.result import CheckResult
-from harness.runner import run_check
+from harness.run.result import CheckResult
+from harness.run.runner import run_check
+from harness.run.settings import Settings
 
 LABELS = {"qwen2": "qwen2 (tied)", "gpt2": "gpt2 (Conv1D)"}
 
@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("default", "stored"), default="default")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    check = {c.name: c for c in behaviour.checks(Options())}["equivalence"]
+    check = {c.name: c for c in behaviour.checks(Settings())}["equivalence"]
     root = Path(tempfile.mkdtemp(prefix="behaviour-faults-"))
     factory = TinyMergeFactory(root)
 
     def run(case: MergeCase, dtype: str) -> CheckResult:
         compare = dtype if args.dtype == "stored" else None
-        fresh = MergeCase(case.merged, case.base, case.adapter, None, Options(dtype=compare))
+        fresh = MergeCase(case.merged, case.base, case.adapter, None, Settings(dtype=compare))
         try:
             return run_check(check, fresh.context())
         finally:

@@ -248,7 +248,7 @@ def fallback_merge(base: Path, adapter: Path, out: Path) -> None:
     """
     from safetensors import safe_open
 
-    from harness.checkpoint import Checkpoint
+    from harness.io.checkpoint import Checkpoint
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]

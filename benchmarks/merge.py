@@ -13,8 +13,8 @@ Both write the same shard size (the base's, ``--max-shard-size``). The page cach
 same state before each (``--cache cold``: dropped; ``warm``: base and adapter read once), and
 written data is flushed with ``sync`` after each, outside the timing, so one contender's
 write-back does not slow the next. Afterwards both outputs are hashed with
-``harness.hashing.hash_checkpoint`` (canonical digest: shard layout and metadata do not count)
-and the digests are printed: equal digests mean bit-identical tensors.
+``harness.stream.hashing.hash_checkpoint`` (canonical digest: shard layout and metadata do not
+count) and the digests are printed: equal digests mean bit-identical tensors.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ LABELS = {"p": "(p) peft load+merge_and_unload+save", "h": "(h) merge-harness me
 TARGETS = {"h/p wall": ("wall_s", 0.7), "h/p peak RSS": ("peak_rss_bytes", 0.3)}
 MEMORY_RATIO_LIMIT = 1.3
 DIGEST = (
-    "import sys; from harness.checkpoint import Checkpoint; from harness.hashing import"
+    "import sys; from harness.io.checkpoint import Checkpoint; from harness.stream.hashing import"
     " hash_checkpoint; print(hash_checkpoint(Checkpoint.open(sys.argv[1]),"
     " with_files=False).digest)"
 )

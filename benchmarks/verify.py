@@ -88,7 +88,7 @@ MEMORY_RATIO_LIMIT = 1.3
 
 
 def known_families() -> list[str]:
-    from harness.suite import FAMILIES
+    from harness.checks import FAMILIES
 
     return list(FAMILIES)
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from harness import github
+from harness.gate import github
+from harness.gate.markdown import render_markdown
+from harness.run.config import DEFAULT_LOCK
 
 #: Report files written into the report folder, by output name.
 REPORT_FILES = {
@@ -238,8 +240,6 @@ def _child_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def lock_candidates(request: GateRequest) -> list[Path]:
     """Where the run's lock file may be: the one given, or the defaults beside the config."""
-    from harness.config import DEFAULT_LOCK
-
     if request.lock:
         return [Path(request.lock).absolute()]
     folders = [Path.cwd()]
@@ -277,8 +277,6 @@ def render_summary(
 ) -> str:
     """The markdown when pytest wrote no summary file: rendered from the JSON report, or a note."""
     if report is not None:
-        from harness.report import render_markdown
-
         return render_markdown(report)
     return fallback_summary(exit_code, paths)
 
@@ -361,7 +359,7 @@ def annotation_lines(run: GateRun, env: Mapping[str, str] | None = None) -> list
     files = {
         str(check.get("id")): lock_file
         for check in run.report.get("checks", [])
-        if lock_file and "lock_status" in (check.get("metrics") or {})
+        if lock_file and check.get("lock")
     }
     lines = github.report_annotations(run.report, files=files)
     if run.exit_code != 0 and not any(line.startswith("::error") for line in lines):

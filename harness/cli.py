@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.io.checkpoint import Checkpoint
+from harness.merger import merge_checkpoint
+from harness.stream.hashing import dumps_manifest, hash_checkpoint
 
 #: Exit status for bad input (a one-line cause on stderr).
 USAGE_ERROR = 2
@@ -69,8 +72,6 @@ def _hash_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _hash_run(args: argparse.Namespace) -> int:
-    from harness.checkpoint import Checkpoint
-    from harness.hashing import dumps_manifest, hash_checkpoint
 
     manifest = hash_checkpoint(Checkpoint.open(args.path, allow_pickle=args.allow_pickle))
     if args.json:
@@ -99,7 +100,6 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge_run(args: argparse.Namespace) -> int:
-    from harness.merger import merge_checkpoint
 
     size: int | str | None = args.max_shard_size
     if isinstance(size, str) and size.isdigit():

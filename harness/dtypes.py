@@ -108,3 +108,14 @@ def from_name(name: str) -> str:
     if name.upper() in ITEMSIZE:
         return name.upper()
     raise KeyError(f"unknown dtype name {name!r}")
+
+
+#: Explicit mantissa bits of the dtypes forward passes run in.
+FORWARD_DTYPES = ("F64", "F32", "BF16", "F16")
+
+
+def torch_dtype_name(code: str | None) -> str:
+    """The torch dtype name to load a model in (``float32``...), or ``auto`` for ``None``."""
+    if code is None:
+        return "auto"
+    return _TORCH_NAMES.get(code, "auto")

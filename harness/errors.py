@@ -1,6 +1,12 @@
-"""The harness's own error types: each carries a one-line cause that names the file."""
+"""The harness's own error types, and the one way an error becomes a one-line cause."""
 
 from __future__ import annotations
+
+import re
+
+#: Longest one-line cause a check reports; longer text is cut and its size stated.
+MAX_CAUSE = 1000
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class HarnessError(Exception):
@@ -25,3 +31,28 @@ class ConfigError(HarnessError):
 
 class UnsupportedAdapterError(HarnessError):
     """The adapter type is known to peft but the harness cannot verify it."""
+
+
+class MergeError(HarnessError):
+    """A merge cannot be done as asked (existing output, output inside an input, bad size...)."""
+
+
+def bounded(text: str, limit: int = MAX_CAUSE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def one_line(error: BaseException | str, *, whole: bool = False, limit: int = MAX_CAUSE) -> str:
+    """The cause of ``error`` on one bounded line, without terminal escapes.
+
+    By default the first non-empty line (the harness's own messages put the cause there). With
+    ``whole``, every line joined by `` / ``: libraries such as torch and transformers often put
+    the real cause after a generic first line.
+    """
+    text = error if isinstance(error, str) else str(error)
+    lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    if not lines:
+        return "" if isinstance(error, str) else type(error).__name__
+    return bounded(" / ".join(lines) if whole else lines[0], limit)

@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
-from harness.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, tensor_from_bytes
-from harness.errors import HarnessError
+from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    import torch
-
-    from harness.deltas import Plan
-    from harness.parallel import BufferPool, ByteBudget
+from harness.deltas import Plan, Target, plan_adapters
+from harness.errors import MergeError
+from harness.io.adapter import Adapter
+from harness.io.checkpoint import INDEX_FILE, Checkpoint
+from harness.io.safetensors import TensorInfo, tensor_from_bytes
+from harness.stream.pipeline import StreamPass
+from harness.stream.writer import Entry, Writer, as_bytes, parse_size, plan_shards
 
 #: Files copied from the base (and, for tokenizers, overridden by an adapter's own copy).
 SIDE_FILES = (
@@ -59,70 +56,6 @@ SIDE_FILES = (
 )
 #: Side files an adapter folder may carry that supersede the base's (a retrained tokenizer).
 ADAPTER_OVERRIDES = frozenset(SIDE_FILES) - {"generation_config.json"}
-#: Bytes of tensors in flight between reader, workers and writer: at least this, or two of the
-#: largest tensor.
-MIN_BUDGET = 256 * 1024 * 1024
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-class MergeError(HarnessError):
-    """The merge cannot be done as asked (existing output, output inside an input, ...)."""
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``1000000``, ``"500MB"`` (10^6) or ``"2GiB"`` (2^30), as transformers reads."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if match is None or match.group(2).upper() not in _UNITS:
-            raise MergeError(f"max shard size {value!r}: expected bytes or a size like 5GB, 500MiB")
-        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise MergeError(f"max shard size must be positive, got {value!r}")
-    return size
-
-
-@dataclass
-class _Entry:
-    """One output tensor: its name and header, and the base tensor its bytes come from."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    source: TensorInfo
-
-
-@dataclass
-class _Shard:
-    """One output file and the tensors it holds, in write order."""
-
-    name: str
-    entries: list[_Entry] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        """Tensor bytes in this shard."""
-        return sum(e.nbytes for e in self.entries)
-
-    def header(self) -> bytes:
-        """The safetensors header (length prefix included), padded to 8 bytes."""
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in self.entries:
-            header[entry.name] = {
-                "dtype": entry.dtype,
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        return len(raw).to_bytes(8, "little") + raw
 
 
 def _path_inside(inner: Path, outer: Path) -> bool:
@@ -144,108 +77,6 @@ def _check_paths(base: Path, adapters: Sequence[Path], out: Path, overwrite: boo
             raise MergeError(f"{out}: exists and is not a folder; refusing to replace it")
         if not overwrite:
             raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
-
-
-def _plan_shards(
-    checkpoint: Checkpoint, extra: dict[str, _Entry], max_shard_size: int | None
-) -> list[_Shard]:
-    """The output files: the base's own plan, or a greedy re-plan to ``max_shard_size``.
-
-    ``extra`` maps a base tensor name to an added tensor written right after it (an untied head).
-    """
-    ordered: list[tuple[str, _Entry]] = []
-    for info in checkpoint.in_file_order():
-        entries = [_Entry(info.name, info.dtype, info.shape, info.nbytes, info)]
-        if info.name in extra:
-            entries.append(extra[info.name])
-        ordered += [(info.file.name, e) for e in entries]
-    if max_shard_size is None:
-        shards: dict[str, _Shard] = {}
-        for file_name, entry in ordered:
-            shards.setdefault(file_name, _Shard(file_name)).entries.append(entry)
-        planned = list(shards.values())
-        if len(planned) == 1:
-            planned[0].name = SINGLE_FILE
-        return planned
-    planned = [_Shard("")]
-    for _, entry in ordered:
-        current = planned[-1]
-        if current.entries and current.nbytes + entry.nbytes > max_shard_size:
-            current = _Shard("")
-            planned.append(current)
-        current.entries.append(entry)
-    total = len(planned)
-    for number, shard in enumerate(planned, 1):
-        shard.name = SINGLE_FILE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
-    return planned
-
-
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor (a view when it is contiguous)."""
-    import torch
-
-    flat = tensor.contiguous().reshape(-1)
-    array: Any = flat.view(torch.uint8).numpy()
-    return memoryview(array)
-
-
-class _Writer:
-    """Appends tensor bytes to the output shards on a thread of its own."""
-
-    def __init__(
-        self, folder: Path, shards: list[_Shard], budget: ByteBudget, pool: BufferPool
-    ) -> None:
-        self.folder = folder
-        self.shards = shards
-        self.budget = budget
-        self.pool = pool
-        self.slots: queue.Queue[memoryview | bytes | bytearray | None] = queue.Queue()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="merge-harness-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        handle: IO[bytes] | None = None
-        try:
-            for shard in self.shards:
-                handle = (self.folder / shard.name).open("wb")
-                handle.write(shard.header())
-                for entry in shard.entries:
-                    data = self.slots.get()
-                    if data is None:
-                        return
-                    if len(data) != entry.nbytes:
-                        raise MergeError(
-                            f"internal error: {entry.name} produced {len(data)} bytes, expected"
-                            f" {entry.nbytes}"
-                        )
-                    handle.write(data)
-                    if isinstance(data, bytearray):
-                        self.pool.put(data)
-                    del data
-                    self.budget.release(entry.nbytes)
-                handle.close()
-                handle = None
-        except BaseException as exc:  # reported by put()/finish() on the main thread
-            self.error = exc
-            while self.slots.get() is not None:
-                pass
-        finally:
-            if handle is not None:
-                handle.close()
-
-    def put(self, data: memoryview | bytes | bytearray) -> None:
-        """Queue the next tensor's bytes (in plan order)."""
-        if self.error is not None:
-            raise self.error
-        self.slots.put(data)
-
-    def finish(self) -> None:
-        """Wait for the last write; re-raise a write error."""
-        self.slots.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _untie(plan: Plan) -> bool:
@@ -292,19 +123,6 @@ def merge_checkpoint(
     unreadable input, an adapter type the registry does not know, an existing ``out`` (unless
     ``overwrite``), or an ``out`` inside an input folder. Nothing is left behind on failure.
     """
-    from tqdm.auto import tqdm
-
-    from harness.adapter import Adapter
-    from harness.deltas import Target, plan_adapters
-    from harness.parallel import (
-        BufferPool,
-        ByteBudget,
-        default_workers,
-        pipeline,
-        read_into,
-        single_threaded_torch,
-    )
-
     base_path = Path(base)
     adapter_paths = (
         [Path(adapter)] if isinstance(adapter, (str, os.PathLike)) else [Path(a) for a in adapter]
@@ -318,28 +136,26 @@ def merge_checkpoint(
     adapters = [Adapter.open(p) for p in adapter_paths]
     plan = plan_adapters(adapters, Target(checkpoint.tensors, checkpoint.config or {}))
     untie = _untie(plan)
-    extra: dict[str, _Entry] = {}
+    extra: dict[str, Entry] = {}
     source = plan.target.tie_source
     if untie and source is not None and plan.tied_head is not None:
         info = checkpoint.tensors[source]
-        extra[source] = _Entry(plan.tied_head, info.dtype, info.shape, info.nbytes, info)
-    shards = _plan_shards(checkpoint, extra, limit)
+        extra[source] = Entry(plan.tied_head, info.dtype, info.shape, info.nbytes, info)
+    shards = plan_shards(checkpoint, extra, limit)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".merging", dir=out_path.parent)
     )
     largest = max((i.nbytes for i in checkpoint.tensors.values()), default=0)
-    budget = ByteBudget(max(MIN_BUDGET, 2 * largest))
-    pool = BufferPool(budget.limit // 2)
+    stream = StreamPass(largest, headroom=2.0, pool_share=0.5, workers=workers)
+    pool = stream.pool
 
     def read(info: TensorInfo) -> tuple[TensorInfo, bytearray]:
-        if checkpoint.is_pickle:
-            return info, checkpoint.read_bytes(info.name)
-        return info, read_into(info, pool)
+        return info, checkpoint.read_into(info.name, pool)
 
     try:
-        writer = _Writer(tmp, shards, budget, pool)
+        writer = Writer(tmp, shards, stream.budget, pool)
         total = sum(s.nbytes for s in shards)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
         def process(item: tuple[TensorInfo, bytearray]) -> list[memoryview | bytearray]:
@@ -356,20 +172,16 @@ def merge_checkpoint(
                 edit.release()
             return outputs
 
-        count = workers if workers is not None else default_workers()
         try:
-            with single_threaded_torch():
-                for outputs in pipeline(
-                    checkpoint.in_file_order(),
-                    read,
-                    process,
-                    lambda info: info.nbytes * (2 if info.name in extra else 1),
-                    budget,
-                    count,
-                ):
-                    for output in outputs:
-                        writer.put(output)
-                        bar.update(len(output))
+            for outputs in stream.run(
+                checkpoint.in_file_order(),
+                read,
+                process,
+                lambda info: info.nbytes * (2 if info.name in extra else 1),
+            ):
+                for output in outputs:
+                    writer.put(output)
+                    bar.update(len(output))
         except BaseException:
             writer.slots.put(None)
             writer.thread.join()
@@ -401,7 +213,7 @@ def _apply(edits: list[Any], info: TensorInfo, data: bytearray) -> memoryview | 
         tensor = edit.merge(tensor)
     if tensor.data_ptr() == tensor_from_bytes(info, data).data_ptr() and tensor.is_contiguous():
         return data
-    return _as_bytes(tensor)
+    return as_bytes(tensor)
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -4,7 +4,7 @@ Strategies are plural nouns with keyword-only bounds, validated when the strateg
 (a bad bound raises :class:`hypothesis.errors.InvalidArgument` at once, not at the first draw):
 
 - :func:`probe_inputs` — token ids (special tokens included), lengths, batch sizes and left or
-  right padding with attention masks, as :class:`~harness.probe.ProbeInput`;
+  right padding with attention masks, as :class:`~harness.behaviour.probe.ProbeInput`;
 - :func:`model_configs` — tiny models per architecture as :class:`~harness.tiny.ModelSpec`;
 - :func:`lora_configs` — ``LoraConfig`` keyword arguments (rank, alpha, targets, rsLoRA, DoRA,
   rank/alpha patterns, ``modules_to_save``, embedding targets) for an architecture;
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from harness.probe import PADDINGS, ProbeInput, pad_rows
+from harness.behaviour.probe import PADDINGS, ProbeInput, ProbeSpace, pad_rows
 from harness.tiny import (
     ARCHITECTURES,
     DTYPES,
@@ -46,6 +46,7 @@ __all__ = [
     "merge_cases",
     "model_configs",
     "probe_inputs",
+    "probes_for",
     "register_profiles",
 ]
 
@@ -154,6 +155,26 @@ def probe_inputs(
         return pad_rows(rows, side, fill)
 
     return draw_probe()
+
+
+def probes_for(
+    space: ProbeSpace, *, min_length: int = 1, max_length: int | None = None
+) -> st.SearchStrategy[ProbeInput]:
+    """:func:`probe_inputs` within a model's :class:`~harness.behaviour.probe.ProbeSpace`.
+
+    Ids from its vocabulary (special tokens included), padding only where the model supports
+    padded batches, at most ``space.max_batch`` rows of at most ``max_length`` (default
+    ``space.max_length``) tokens.
+    """
+    return probe_inputs(
+        vocab_size=space.vocab_size,
+        special_ids=space.special_ids,
+        pad_id=space.pad_id,
+        min_length=min_length,
+        max_length=max_length or space.max_length,
+        max_batch=space.max_batch,
+        paddings=space.paddings,
+    )
 
 
 # ---- models and adapters ----------------------------------------------------------------

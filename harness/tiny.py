@@ -12,12 +12,16 @@ fixture builds (and caches) them; :func:`build_case` builds one into a folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from harness.checks.sidecars import SIDECAR_FILES
+from harness.evals.tokenizer import build_char_tokenizer
+from harness.io.models import auto_class, quiet, task_of
+from harness.merger import merge_checkpoint
 
 #: Tiny configs per architecture: (transformers config class name, keyword arguments).
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -173,11 +177,6 @@ DTYPES = tuple(_TORCH_DTYPES)
 NUM_LABELS = 3
 
 
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
 def model_config(arch: str = "llama", **overrides: Any) -> Any:
     """A transformers config for a tiny model of ``arch``."""
     import transformers
@@ -213,7 +212,6 @@ def build_base(
     decoders get ``pad_token_id=0`` so that padded batches pool the right token). With
     ``tokenizer`` a character-level fast tokenizer of exactly ``vocab_size`` tokens is saved too.
     """
-    _offline()
     import torch
 
     if task not in TASKS:
@@ -222,7 +220,6 @@ def build_base(
         raise ValueError(f"{arch} is an encoder: build it with task='SEQ_CLS'")
     if task == "SEQ_CLS":
         overrides = {"num_labels": NUM_LABELS, "pad_token_id": 0, **overrides}
-    from harness.loading import auto_class, quiet
 
     torch.manual_seed(seed)
     config = model_config(arch, **overrides)
@@ -234,7 +231,6 @@ def build_base(
     with quiet():
         model.save_pretrained(folder, **kwargs)
     if tokenizer:
-        from harness.tokenizer import build_char_tokenizer
 
         build_char_tokenizer(folder, int(config.vocab_size))
     return folder
@@ -250,7 +246,6 @@ def _load_base(folder: Path, task: str, dtype: Any) -> Any:
     """``from_pretrained`` of a base, from an in-memory copy for small (tiny) checkpoints."""
     import copy
 
-    from harness.loading import auto_class, quiet
 
     files = sorted(folder.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
@@ -258,7 +253,7 @@ def _load_base(folder: Path, task: str, dtype: Any) -> Any:
     key = (str(folder.resolve()), task, str(dtype), stamp)
     if key not in _LOADED:
         with quiet():
-            model = auto_class(task).from_pretrained(folder, dtype=dtype)
+            model = auto_class(task).from_pretrained(folder, dtype=dtype, local_files_only=True)
         if size > _CACHE_LIMIT_BYTES:
             return model
         if len(_LOADED) >= _CACHE_ENTRIES:
@@ -268,7 +263,6 @@ def _load_base(folder: Path, task: str, dtype: Any) -> Any:
 
 
 def _task_of(folder: Path, lora: Mapping[str, Any]) -> str:
-    from harness.loading import task_of
 
     config = json.loads((folder / "config.json").read_text())
     task = lora.get("task_type")
@@ -281,11 +275,9 @@ def build_adapter(base: Path, folder: Path, seed: int = 1, scale: float = 0.5, *
     Every trainable tensor (``lora_A``/``lora_B``, DoRA magnitudes, embedding LoRA, copies of
     ``modules_to_save``) gets Gaussian noise of standard deviation ``scale`` added.
     """
-    _offline()
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from harness.loading import quiet
 
     task = _task_of(base, lora)
     if task == "SEQ_CLS":
@@ -321,10 +313,8 @@ def peft_merge(
     config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Merge with peft's own ``merge_and_unload`` and save, in the base's dtype."""
-    _offline()
     from peft import PeftModel
 
-    from harness.loading import quiet
 
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     task = _task_of(base, adapter_config)
@@ -460,8 +450,6 @@ class BuiltMerge:
 
 def copy_sidecars(source: Path, target: Path) -> None:
     """Copy tokenizer files and ``generation_config.json`` as a merge script should."""
-    from harness.sidecars import SIDECAR_FILES
-
     for name in SIDECAR_FILES:
         if (source / name).is_file() and not (target / name).exists():
             shutil.copyfile(source / name, target / name)
@@ -477,7 +465,6 @@ def build_case(spec: MergeSpec, folder: Path, *, base: Path | None = None) -> Bu
     )
     merged = folder / "merged"
     if spec.method == "harness":
-        from harness.merger import merge_checkpoint
 
         merge_checkpoint(base, adapter, merged, progress=False)
     else:

@@ -84,26 +84,28 @@ GUARD = InputGuard()
 
 
 def install_family(
-    monkeypatch: Any, family: str, runs: dict[str, Callable[[Any], Any]]
+    monkeypatch: Any, runs: dict[str, Callable[[Any], Any]], family: str = "security"
 ) -> None:
-    """Register a test-only check family (``merge::<family>::<name>``) for in-process runs.
+    """Put test-only checks in place of one family's (``merge::<family>::<name>``), in-process.
 
-    Each function of ``runs`` is a check's ``run(ctx)``: a real :class:`~harness.result.Check`
+    Each function of ``runs`` is a check's ``run(ctx)``: a real :class:`~harness.run.check.Check`
     run by the real runner and items, for behaviour no real input provokes on demand (a hang, an
-    internal error, a KeyboardInterrupt).
+    internal error, a KeyboardInterrupt). Select them with ``--merge-checks <family>``.
     """
     import sys
     import types
 
-    from harness.result import Check, Kind
-    from harness.suite import FAMILIES
+    from harness.checks import FAMILIES
+    from harness.run.check import Check
+    from harness.run.result import Family
 
+    chosen = Family(family)
     module = types.ModuleType(f"merge_harness_test_{family}")
-    module.checks = lambda options: [  # type: ignore[attr-defined]
-        Check(family, name, Kind.STRUCTURE, f"test-only {name}", run) for name, run in runs.items()
+    module.checks = lambda settings: [  # type: ignore[attr-defined]
+        Check(chosen, name, f"test-only {name}", run) for name, run in runs.items()
     ]
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(FAMILIES, family, module.__name__)
+    monkeypatch.setitem(FAMILIES, chosen, module.__name__)
 
 
 class NetworkGuard:

@@ -21,15 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness.adapter import Adapter
-from harness.checkpoint import Checkpoint
-from harness.context import Context, Options
+from harness.checks.weights import checks as weight_checks
+from harness.io.adapter import Adapter
+from harness.io.checkpoint import Checkpoint
 from harness.merger import merge_checkpoint
-from harness.oracle import OracleResult, run_oracle
-from harness.result import CheckResult
-from harness.runner import run_check
+from harness.oracle.stream import OracleResult, run_oracle
+from harness.run.context import Context
+from harness.run.result import CheckResult
+from harness.run.runner import run_check
+from harness.run.settings import Settings
 from harness.tiny import build_adapter, build_base, peft_merge
-from harness.weights import checks as weight_checks
 
 PREFIX = "base_model.model."
 
@@ -129,8 +130,8 @@ def oracle(merged: Path, base: Path, adapter: Path | list[Path], k: float = 1.0)
 def weight_results(merged: Path, base: Path, adapter: Path, k: float = 1.0
                    ) -> dict[str, CheckResult]:
     """Every weights check's result, by check name."""
-    ctx = Context(Options(merged=merged, base=base, adapter=adapter, ulp_tolerance=k))
-    return {c.name: run_check(c, ctx) for c in weight_checks(ctx.options)}
+    ctx = Context(Settings(merged=merged, base=base, adapter=adapter, ulp_tolerance=k))
+    return {c.name: run_check(c, ctx) for c in weight_checks(ctx.settings)}
 
 
 def failures(result: OracleResult) -> list[str]:

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import action, cli, github
+from harness import action, cli
+from harness.gate import github
 from harness.tiny import build_adapter, build_base, peft_merge
 
 

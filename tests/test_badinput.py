@@ -25,8 +25,9 @@ import torch
 from guard import install_family
 from safetensors.torch import load_file, save_file
 
-from harness.checkpoint import Checkpoint, read_header
 from harness.errors import CheckpointError
+from harness.io.checkpoint import Checkpoint
+from harness.io.safetensors import read_header
 
 # ---- editing real checkpoints ------------------------------------------------------------------
 
@@ -766,7 +767,7 @@ def test_huge_tensor_claims_allocate_nothing(tmp_path: Path):
 
 def test_reading_holds_one_tensor(tmp_path: Path):
     """Streaming a checkpoint allocates about one tensor at a time, not the whole model."""
-    from harness.scan import scan_checkpoint
+    from harness.stream.scan import scan_checkpoint
 
     tensors = {f"layer{i}.weight": torch.randn(256, 256) for i in range(16)}  # 16 x 256 KiB
     folder = tmp_path / "ckpt"
@@ -788,23 +789,25 @@ def test_reading_holds_one_tensor(tmp_path: Path):
 
 
 def _check(run: Callable[[Any], Any]) -> Any:
-    from harness.result import Check, Kind
+    from harness.run.check import Check
+    from harness.run.result import Family
 
-    return Check("test", "probe", Kind.STRUCTURE, "test-only", run)
+    return Check(Family.STRUCTURE, "probe", "test-only", run)
 
 
 def _context() -> Any:
-    from harness.context import Context, Options
+    from harness.run.context import Context
+    from harness.run.settings import Settings
 
-    return Context(Options())
+    return Context(Settings())
 
 
 def test_timeout_turns_a_hang_into_a_failed_check():
     import threading
     import time
 
-    from harness.result import Outcome
-    from harness.runner import run_check
+    from harness.run.result import Outcome
+    from harness.run.runner import run_check
 
     release = threading.Event()
     started = time.perf_counter()
@@ -818,7 +821,7 @@ def test_timeout_turns_a_hang_into_a_failed_check():
 
 @pytest.mark.parametrize("timeout", [None, 5.0])
 def test_keyboard_interrupt_still_interrupts(timeout):
-    from harness.runner import run_check
+    from harness.run.runner import run_check
 
     def interrupt(ctx):
         raise KeyboardInterrupt
@@ -831,15 +834,16 @@ def test_keyboard_interrupt_still_interrupts(timeout):
 @pytest.mark.parametrize(
     ("error", "message"),
     [
-        (ValueError("boom\nsecond line"), "internal error in merge::test::probe: ValueError: boom"),
-        (SystemExit(3), "internal error in merge::test::probe: SystemExit(3)"),
+        (ValueError("boom\nsecond line"),
+         "internal error in merge::structure::probe: ValueError: boom"),
+        (SystemExit(3), "internal error in merge::structure::probe: SystemExit(3)"),
         (MemoryError(), "ran out of resources: MemoryError"),
         (CheckpointError("x.safetensors: bad\nmore"), "x.safetensors: bad"),
     ],
 )
 def test_errors_become_one_line_failures(error, message, timeout):
-    from harness.result import Outcome
-    from harness.runner import run_check
+    from harness.run.result import Outcome
+    from harness.run.runner import run_check
 
     def fail(ctx):
         raise error
@@ -854,13 +858,13 @@ def test_internal_error_item_shows_one_line(pytester: pytest.Pytester, monkeypat
     def broken(ctx):
         return {}["no such key"]
 
-    install_family(monkeypatch, "broken", {"lookup": broken})
-    args = ["--merge-checks", "broken", "--merged-model", str(tiny_llama.merged)]
+    install_family(monkeypatch, {"lookup": broken})
+    args = ["--merge-checks", "security", "--merged-model", str(tiny_llama.merged)]
     result = pytester.runpytest(*args)
     assert result.ret == 1
     assert_clean(result.stdout.str() + result.stderr.str())
     result.stdout.fnmatch_lines(
-        ["FAIL merge::broken::lookup *internal error in merge::broken::lookup: KeyError: 'no such*"]
+        ["FAIL merge::security::lookup *internal error in merge::security::lookup: KeyError: 'no*"]
     )
     traced = pytester.runpytest(*args, "--full-trace")
     assert traced.ret == 1
@@ -872,21 +876,21 @@ def test_timeout_option_end_to_end(pytester: pytest.Pytester, monkeypatch, tiny_
     import threading
 
     release = threading.Event()
-    install_family(monkeypatch, "slow", {"hang": lambda ctx: release.wait(30),
-                                          "quick": lambda ctx: _passed("fine")})
+    install_family(monkeypatch, {"hang": lambda ctx: release.wait(30),
+                                 "quick": lambda ctx: _passed("fine")})
     try:
-        result = pytester.runpytest("--merge-checks", "slow", "--merge-timeout", "0.5",
+        result = pytester.runpytest("--merge-checks", "security", "--merge-timeout", "0.5",
                                     "--merged-model", str(tiny_llama.merged))
     finally:
         release.set()
     assert result.ret == 1
     assert_clean(result.stdout.str() + result.stderr.str())
-    result.stdout.fnmatch_lines(["FAIL merge::slow::hang *timed out after 0.5 s*",
-                                 "PASS merge::slow::quick *fine"])
+    result.stdout.fnmatch_lines(["FAIL merge::security::hang *timed out after 0.5 s*",
+                                 "PASS merge::security::quick *fine"])
 
 
 def _passed(message: str) -> Any:
-    from harness.result import CheckResult
+    from harness.run.result import CheckResult
 
     return CheckResult.passed(message)
 
@@ -915,7 +919,7 @@ def test_hf_cache_snapshot_symlinks_are_followed(tmp_path: Path, tiny_llama):
 
 def test_folder_hash_refuses_what_it_must_not_read(tmp_path: Path):
     """hash_folder (adapters, task folders) never follows a link out or blocks on a pipe."""
-    from harness.hashing import hash_folder
+    from harness.stream.hashing import hash_folder
 
     folder = tmp_path / "tasks"
     (folder / "sub").mkdir(parents=True)
@@ -940,18 +944,18 @@ def test_folder_hash_refuses_what_it_must_not_read(tmp_path: Path):
 
 def test_warning_as_error_is_one_line(pytester: pytest.Pytester, monkeypatch, tiny_llama):
     """Under -W error a check's warning fails its item, still with one line and no traceback."""
-    from harness.result import CheckResult, Outcome
+    from harness.run.result import CheckResult, Outcome
 
-    install_family(monkeypatch, "noted", {
+    install_family(monkeypatch, {
         "sidecar": lambda ctx: CheckResult(Outcome.WARNING, "tokenizer.json differs from the base"),
     })
     # (a plain "-W error" in-process would also raise pytest's own already-imported warning)
     result = pytester.runpytest("-W", "error::harness.plugin.items.MergeHarnessWarning",
-                                "--merge-checks", "noted",
+                                "--merge-checks", "security",
                                 "--merged-model", str(tiny_llama.merged))
     assert_clean(result.stdout.str() + result.stderr.str())
     assert result.ret == 1
     result.stdout.fnmatch_lines([
-        "merge::noted::sidecar: tokenizer.json differs from the base (a warning, raised as an"
+        "merge::security::sidecar: tokenizer.json differs from the base (a warning, raised as an"
         " error by -W)"
     ])

@@ -16,11 +16,15 @@ from faults import DTYPE_ROTATION, FAULTS, inject, retie
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 
-from harness import behaviour
+from harness.behaviour.measure import C_MAX
+from harness.behaviour import models as behaviour_models
+from harness.behaviour.models import adapter_model
+from harness.behaviour.twin import build_twin
 from harness.case import MergeCase
-from harness.context import Options
-from harness.result import CheckResult, Outcome
-from harness.runner import run_check
+from harness.checks import behaviour
+from harness.run.result import CheckResult, Outcome
+from harness.run.runner import run_check
+from harness.run.settings import Settings
 from harness.strategies import merge_cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CORRECT_MERGES = 200
 #: Probes per correct merge (each probe is a batch of up to 2 x 32 tokens).
 PROBES_PER_MERGE = 3
-CHECKS = {c.name: c for c in behaviour.checks(Options())}
+CHECKS = {c.name: c for c in behaviour.checks(Settings())}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def one_thread():
 
 def run(name: str, case: MergeCase, **options: object) -> CheckResult:
     """Run one behaviour check on a fresh context of ``case`` and free its models."""
-    fresh = MergeCase(case.merged, case.base, case.adapter, case.spec, Options(**options))
+    fresh = MergeCase(case.merged, case.base, case.adapter, case.spec, Settings(**options))
     try:
         return run_check(CHECKS[name], fresh.context())
     finally:
@@ -104,7 +108,7 @@ def test_fp32_is_tight(tiny_merge_factory):
     assert setup["reference"] == "F64"
     # the fp32 merge deviates from the float64 reference by rounding noise only
     assert result.metrics["merged_max_abs"] < 1e-4, explain(result)
-    assert relative < behaviour.C_MAX
+    assert relative < C_MAX
 
 
 # ---- deliberate faults ---------------------------------------------------------------------
@@ -197,7 +201,7 @@ def test_upcast_floor_is_the_storage_rounding(tiny_merge_factory):
     floor = upcast.metrics["tolerance"]["noise_max"]
     assert 0 < floor < native.metrics["tolerance"]["noise_max"], explain(upcast)
     assert upcast.metrics["adapter_max_abs"] == 0  # A is the reference
-    assert upcast.metrics["merged_max_abs"] <= behaviour.C_MAX * floor, explain(upcast)
+    assert upcast.metrics["merged_max_abs"] <= C_MAX * floor, explain(upcast)
 
 
 # ---- other model classes ---------------------------------------------------------------------
@@ -410,7 +414,7 @@ def test_config_without_vocabulary_is_a_one_line_failure(tiny_merge_factory, tmp
 
 def test_models_that_cannot_fit_are_refused_before_loading(monkeypatch, tiny_merge_factory):
     # the tiny models fit anywhere: demand a working margin no machine has
-    monkeypatch.setattr(behaviour, "MEMORY_HEADROOM", 1e12)
+    monkeypatch.setattr(behaviour_models, "MEMORY_HEADROOM", 1e12)
     case = tiny_merge_factory(arch="llama", dtype="BF16")
     fresh = MergeCase(case.merged, case.base, case.adapter)
     try:
@@ -420,7 +424,9 @@ def test_models_that_cannot_fit_are_refused_before_loading(monkeypatch, tiny_mer
             assert result.outcome is Outcome.SKIPPED, explain(result)
             assert f"holding {models} (" in result.message and "GiB is available" in result.message
             assert "\n" not in result.message
-        assert not ctx.memo("behaviour:models", dict)  # nothing was loaded
+        # nothing was loaded
+        loaded = (behaviour_models.MERGED, behaviour_models.ADAPTER, behaviour_models.TWIN)
+        assert not any(ctx.known(key) for key in loaded)
     finally:
         fresh.release()
 
@@ -446,9 +452,9 @@ def test_twin_is_a_correct_merge_and_leaves_the_adapter_model_alone(lora, tiny_m
     case = tiny_merge_factory(arch=arch, dtype="F32", scale=0.05, **lora)
     fresh = MergeCase(case.merged, case.base, case.adapter)
     try:
-        adapter = behaviour.adapter_model(fresh.context())
+        adapter = adapter_model(fresh.context())
         before = {k: v.clone() for k, v in adapter.state_dict().items()}
-        twin = behaviour.build_twin(adapter, torch.float32)
+        twin = build_twin(adapter, torch.float32)
         after = adapter.state_dict()
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)  # A untouched

@@ -7,27 +7,28 @@ evidence through the real item function.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from harness.benchmark import (
+from harness.checks.benchmark import checks, run_metric, run_perplexity
+from harness.errors import ConfigError
+from harness.evals.lm_eval import (
     MetricRun,
-    checks,
     evidence_from_runs,
     find_task_yaml,
     resolve_task_paths,
     run_lm_eval,
-    run_metric,
 )
-from harness.config import parse
-from harness.context import Context, Options
-from harness.errors import ConfigError
-from harness.perplexity import run_perplexity, windows
-from harness.result import Outcome
-from harness.tokenizer import build_char_tokenizer
+from harness.evals.perplexity import windows
+from harness.evals.tokenizer import build_char_tokenizer
+from harness.run.config import parse
+from harness.run.context import Context
+from harness.run.result import Outcome
+from harness.run.settings import Settings
 
 pytest.importorskip("lm_eval")
 # Imported before any in-process pytester run elsewhere in the session (see test_lock.py).
@@ -98,11 +99,11 @@ def prefer_task(tmp_path_factory, tiny_llama) -> Path:
 def _context(tiny, table: dict, source: Path, **options) -> Context:
     gate = parse(table, source)
     return Context(
-        Options(
+        Settings(
             merged=tiny.merged,
             base=tiny.base,
             adapter=tiny.adapter,
-            gate=gate,
+            config=gate,
             lock_path=source.parent / "no.lock",
             **options,
         )
@@ -128,7 +129,8 @@ def evaluated(tiny_llama, prefer_task):
 
 def _item(ctx: Context, thresholds: dict, source: Path, **bench):
     """Run the real item function with other thresholds on the cached evaluations."""
-    ctx.options.gate = parse(_bench(source, {"acc": thresholds}, **bench), source / "gate.toml")
+    config = parse(_bench(source, {"acc": thresholds}, **bench), source / "gate.toml")
+    ctx.settings = dataclasses.replace(ctx.settings, config=config)
     return run_metric("prefer", "acc", ctx)
 
 
@@ -147,7 +149,7 @@ def test_lm_eval_runs_locally_on_every_model(evaluated):
 def test_benchmark_passes(evaluated, prefer_task):
     result = _item(evaluated, {"floor": 0.2, "max_adapter_diff": 0.2}, prefer_task)
     assert result.outcome is Outcome.PASSED, result.message
-    assert result.metrics["n"] == 40 and not result.metrics["reused"]
+    assert result.metrics["n"] == 40 and result.record is not None and not result.record.reused
     assert result.metrics["decisions"]["floor"]["outcome"] == "passed"
     adapter = result.metrics["decisions"]["max_adapter_diff"]
     assert adapter["outcome"] == "passed" and adapter["figures"]["discordant"] == 0
@@ -165,10 +167,10 @@ def test_benchmark_fails_on_drop_against_base(evaluated, prefer_task):
     assert result.outcome is Outcome.FAILED, result.message
     drop = result.metrics["decisions"]["max_drop"]["figures"]["drop"]
     assert drop["low"] > 0.02  # significantly worse than the base, not just noisy
-    assert result.metrics["values"]["base"] == pytest.approx(1.0)
-    assert result.metrics["values"]["merged"] < 1.0
+    assert result.record.values["base"] == pytest.approx(1.0)
+    assert result.record.values["merged"] < 1.0
     # An allowance equal to the observed loss is undecidable on 40 documents, not a silent pass.
-    observed = result.metrics["values"]["base"] - result.metrics["values"]["merged"]
+    observed = result.record.values["base"] - result.record.values["merged"]
     loose = _item(evaluated, {"max_drop": observed}, prefer_task)
     assert loose.outcome is Outcome.INCONCLUSIVE
     # Direction-aware: declared lower-is-better, the same numbers are an improvement.
@@ -189,9 +191,8 @@ def test_benchmark_inconclusive_on_too_few_samples(tiny_llama, prefer_task):
 
 
 def test_missing_metric_is_a_failed_check(evaluated, prefer_task):
-    evaluated.options.gate = parse(
-        _bench(prefer_task, {"f1": {"floor": 0.5}}), prefer_task / "gate.toml"
-    )
+    config = parse(_bench(prefer_task, {"f1": {"floor": 0.5}}), prefer_task / "gate.toml")
+    evaluated.settings = dataclasses.replace(evaluated.settings, config=config)
     result = run_metric("prefer", "f1", evaluated)
     assert result.outcome is Outcome.FAILED and "it reported: acc" in result.message
 
@@ -233,8 +234,8 @@ def test_find_task_yaml_reads_function_tags_without_lm_eval(prefer_task):
 
 
 def test_no_benchmark_configuration_means_no_items():
-    assert checks(Options()) == []
-    assert checks(Options(gate=parse({}, None))) == []
+    assert checks(Settings()) == []
+    assert checks(Settings(config=parse({}, None))) == []
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -253,7 +254,7 @@ def _perplexity_context(tiny, tmp_path, merged=None, **extra):
     }
     ctx = _context(tiny, table, tmp_path / "gate.toml")
     if merged is not None:
-        ctx.options.merged = merged
+        ctx.settings = dataclasses.replace(ctx.settings, merged=merged)
     return ctx
 
 

@@ -8,8 +8,8 @@ import pytest
 from oracle_cases import read_tensors, workshop  # noqa: F401 - the fixture
 
 from harness import cli
-from harness.checkpoint import Checkpoint
-from harness.hashing import hash_checkpoint
+from harness.io.checkpoint import Checkpoint
+from harness.stream.hashing import hash_checkpoint
 
 
 def test_hash_prints_the_canonical_digest(workshop, capsys):  # noqa: F811

@@ -13,12 +13,14 @@ from oracle_cases import read_tensors, workshop  # noqa: F401 - the fixture
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 
-from harness.adapter import Adapter, parse_layout, pattern_key, validate_config
-from harness.checkpoint import Checkpoint, TensorInfo
 from harness.deltas import REGISTRY, Target, plan_adapter, plan_adapters
-from harness.deltas.lora import LoraScale, fan_in_fan_out
+from harness.deltas.apply import reference_tensor
+from harness.deltas.lora import fan_in_fan_out
+from harness.deltas.lowrank import LoraScale
 from harness.errors import AdapterError, UnsupportedAdapterError
-from harness.oracle import reference_tensor
+from harness.io.adapter import Adapter, parse_layout, pattern_key, validate_config
+from harness.io.checkpoint import Checkpoint
+from harness.io.safetensors import TensorInfo
 from harness.ulp import compute_dtype
 
 

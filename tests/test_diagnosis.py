@@ -25,8 +25,8 @@ from oracle_cases import (
 )
 from safetensors.torch import load_file, save_file
 
-from harness.diagnosis import NO_FIT
-from harness.result import Outcome
+from harness.oracle.diagnosis import NO_FIT
+from harness.run.result import Outcome
 
 
 @pytest.fixture(scope="module")

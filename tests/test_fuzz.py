@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from harness.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from harness.dtypes import ITEMSIZE
 from harness.errors import HarnessError
+from harness.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 
 #: Examples per fuzz property (three properties: thousands of cases in every run, ~15 s on two
 #: cores). Set MERGE_HARNESS_FUZZ_EXAMPLES for a long campaign.

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import benchmark, lock
-from harness.config import BUILTIN_TOKENIZER, parse
-from harness.context import Options
+from harness.checks import benchmark, lock
 from harness.errors import ConfigError
-from harness.gate import decide, load_settings
-from harness.result import Check, CheckResult, Kind, Outcome
+from harness.gate.decide import decide
+from harness.run.check import Check
+from harness.run.config import BUILTIN_TOKENIZER, parse
+from harness.run.knobs import KNOBS
+from harness.run.result import BenchmarkRecord, CheckResult, Family, Outcome
+from harness.run.settings import Request, Settings, resolve
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TASKS = FIXTURES / "tasks"
@@ -23,22 +25,19 @@ def _write(folder: Path, text: str, name: str = "merge-harness.toml") -> Path:
     return path
 
 
-def _load(folder: Path, text: str | None = None, **options: object) -> Options:
+def _load(folder: Path, text: str | None = None, request: Request | None = None) -> Settings:
     if text is not None:
         _write(folder, text)
-    opts = Options(**options)  # type: ignore[arg-type]
-    load_settings(opts, folder)
-    return opts
+    return resolve(request or Request(), rootdir=folder, cwd=folder)
 
 
-def test_no_configuration_adds_no_gate_items(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    options = _load(tmp_path)
-    assert options.gate is not None and options.gate.source is None
-    assert benchmark.checks(options) == []
+def test_no_configuration_adds_no_gate_items(tmp_path):
+    settings = _load(tmp_path)
+    assert settings.config.source is None
+    assert benchmark.checks(settings) == []
     # No lock file, none named, not updating: no lock item either.
-    assert lock.checks(options) == []
-    assert options.lock_path == tmp_path / "merge-harness.lock"
+    assert lock.checks(settings) == []
+    assert settings.lock_path == tmp_path / "merge-harness.lock"
 
 
 def test_pyproject_table_is_found_and_paths_are_relative_to_it(tmp_path):
@@ -50,21 +49,21 @@ def test_pyproject_table_is_found_and_paths_are_relative_to_it(tmp_path):
         "pyproject.toml",
     )
     _write(tmp_path, "this = 'is ignored: pyproject wins'\n")
-    options = _load(tmp_path)
-    gate = options.gate
-    assert gate is not None and gate.source == tmp_path / "pyproject.toml"
-    assert gate.inconclusive_blocks and options.settings["inconclusive_blocks"] is True
+    settings = _load(tmp_path)
+    gate = settings.config
+    assert gate.source == tmp_path / "pyproject.toml"
+    assert gate.inconclusive_blocks
     assert gate.perplexity is not None and gate.perplexity.text == tmp_path / "text.txt"
     assert gate.perplexity.models == ("merged", "adapter")
-    assert [c.id for c in benchmark.checks(options)] == ["merge::benchmark::perplexity"]
+    assert [c.id for c in benchmark.checks(settings)] == ["merge::benchmark::perplexity"]
 
 
 def test_standalone_file_is_found_when_pyproject_has_no_table(tmp_path):
     _write(tmp_path, '[project]\nname = "x"\n', "pyproject.toml")
-    options = _load(tmp_path, "ulp_tolerance = 2.5\nconfig_allow = ['rope_scaling']\n")
-    assert options.gate is not None and options.gate.source == tmp_path / "merge-harness.toml"
-    assert options.ulp_tolerance == 2.5
-    assert options.settings["config_allow"] == ["rope_scaling"]
+    settings = _load(tmp_path, "ulp_tolerance = 2.5\nconfig_allow = ['rope_scaling']\n")
+    assert settings.config.source == tmp_path / "merge-harness.toml"
+    assert settings.ulp_tolerance == 2.5
+    assert settings.config.config_allow == frozenset({"rope_scaling"})
 
 
 def test_explicit_config_and_command_line_precedence(tmp_path):
@@ -75,14 +74,81 @@ def test_explicit_config_and_command_line_precedence(tmp_path):
         "gate.toml",
     )
     # The command line set --merge-ulp 0.5 and --merge-checks hash: those win.
-    options = Options(config_path=config, ulp_tolerance=0.5, families=frozenset({"hash"}))
-    load_settings(options, tmp_path / "elsewhere")
-    assert options.ulp_tolerance == 0.5 and options.families == frozenset({"hash"})
-    assert options.examples == 7 and options.check_timeout == 60.0 and options.dtype == "BF16"
-    assert options.lock_path == tmp_path / "locks" / "approved.lock"
-    assert options.gate is not None and options.gate.lock_requested
+    request = Request(
+        config_path=config,
+        overrides={"ulp_tolerance": 0.5, "families": frozenset({Family.HASH})},
+    )
+    settings = resolve(request, rootdir=tmp_path / "elsewhere", cwd=tmp_path)
+    assert settings.ulp_tolerance == 0.5 and settings.families == frozenset({Family.HASH})
+    assert settings.examples == 7 and settings.timeout == 60.0 and settings.dtype == "BF16"
+    assert settings.lock_path == tmp_path / "locks" / "approved.lock"
+    assert settings.lock_requested
     # A named lock file is checked even before it exists (the check then says how to record it).
-    assert [c.id for c in lock.checks(options)] == ["merge::lock::digests"]
+    assert [c.id for c in lock.checks(settings)] == ["merge::lock::digests"]
+
+
+def test_settings_are_immutable(tmp_path):
+    settings = _load(tmp_path)
+    with pytest.raises(AttributeError):
+        settings.ulp_tolerance = 5.0  # type: ignore[misc]
+
+
+#: Per knob: the file's value, and a command-line value equal to the default.
+FILE_VALUES = {
+    "families": ("checks = ['hash']", "structure,security,weights,hash,behaviour,lock,benchmark"),
+    "ulp_tolerance": ("ulp_tolerance = 1000", "1"),
+    "examples": ("examples = 3", "20"),
+    "timeout": ("timeout = 5", None),
+    "device": ("device = 'cuda'", "cpu"),
+    "dtype": ("dtype = 'bf16'", None),
+}
+
+
+def test_every_knob_has_a_precedence_case():
+    assert set(FILE_VALUES) == {knob.name for knob in KNOBS}
+
+
+@pytest.mark.parametrize("knob", KNOBS, ids=lambda knob: knob.flag)
+def test_command_line_equal_to_the_default_beats_the_file(pytester, tiny_llama, knob):
+    """An explicit flag wins over the configuration file, even when it repeats the default."""
+    line, flag_value = FILE_VALUES[knob.name]
+    if flag_value is None:  # no default to repeat: any explicit value must win
+        flag_value = {"timeout": "600", "dtype": "fp32"}[knob.name]
+    pytester.makefile(".toml", **{"merge-harness": line + "\n"})
+    pytester.makeconftest(
+        f"""
+        import json
+        from harness.plugin.state import STATE_KEY
+
+        def pytest_collection_finish(session):
+            settings = session.config.stash[STATE_KEY].settings
+            value = getattr(settings, {knob.name!r})
+            if isinstance(value, frozenset):
+                value = sorted(v.value for v in value)
+            print("SETTING=" + json.dumps(value))
+        """
+    )
+    result = pytester.runpytest(
+        "--collect-only", "-q", "--merged-model", str(tiny_llama.merged), knob.flag, flag_value
+    )
+    printed = [ln for ln in result.outlines if ln.startswith("SETTING=")]
+    assert printed, result.stdout.str()
+    expected = knob.parse(flag_value)
+    if isinstance(expected, frozenset):
+        expected = sorted(v.value for v in expected)
+    assert printed[0] == f"SETTING={__import__('json').dumps(expected)}"
+    # Without the flag, the file's value applies.
+    plain = pytester.runpytest("--collect-only", "-q", "--merged-model", str(tiny_llama.merged))
+    from_file = [ln for ln in plain.outlines if ln.startswith("SETTING=")]
+    assert from_file and from_file[0] != printed[0]
+
+
+def test_issue_example_command_line_wins_over_every_file_key(tmp_path):
+    """device = cuda, ulp_tolerance = 1000, examples = 3 lose to the command line."""
+    _write(tmp_path, "device = 'cuda'\nulp_tolerance = 1000\nexamples = 3\n")
+    request = Request(overrides={"device": "cpu", "ulp_tolerance": 1.0, "examples": 20})
+    settings = resolve(request, rootdir=tmp_path, cwd=tmp_path)
+    assert (settings.device, settings.ulp_tolerance, settings.examples) == ("cpu", 1.0, 20)
 
 
 def test_benchmark_models_follow_the_thresholds(tmp_path):
@@ -90,24 +156,26 @@ def test_benchmark_models_follow_the_thresholds(tmp_path):
         f"tokenizer = '{BUILTIN_TOKENIZER}'\n[benchmark]\ninclude_path = '{TASKS.as_posix()}'\n"
         "[benchmark.tasks.tiny_choice]\nacc = {floor = 0.3}\nacc_norm = {max_drop = 0.1}\n"
     )
-    options = _load(tmp_path, text)
-    assert options.gate is not None and options.gate.benchmark is not None
-    assert options.gate.benchmark.models == ("merged", "base")
-    ids = [c.id for c in benchmark.checks(options)]
+    settings = _load(tmp_path, text)
+    assert settings.config.benchmark is not None
+    assert settings.config.benchmark.models == ("merged", "base")
+    ids = [c.id for c in benchmark.checks(settings)]
     assert ids == ["merge::benchmark::tiny_choice.acc", "merge::benchmark::tiny_choice.acc_norm"]
-    assert all(c.kind is Kind.BENCHMARK for c in benchmark.checks(options))
+    assert all(c.family is Family.BENCHMARK for c in benchmark.checks(settings))
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("ulp_tolerence = 1\n", "ulp_tolerence: unknown key"),
-        ("ulp_tolerance = -1\n", "ulp_tolerance: must be >= 0"),
+        ("ulp_tolerance = -1\n", "ulp_tolerance: must be a finite number >= 0"),
         ("ulp_tolerance = 'one'\n", "ulp_tolerance: must be a number"),
         ("examples = 0\n", "examples: must be >= 1"),
         ("inconclusive_blocks = 'yes'\n", "inconclusive_blocks: must be true or false"),
         ("confidence = 1.0\n", "confidence: must be < 1"),
         ("checks = ['structure', 'wieghts']\n", "checks: unknown family wieghts"),
+        ("device = 'gpu'\n", "device: must be cpu, cuda, cuda:N, mps or xpu"),
+        ("dtype = 'int8'\n", "dtype: unknown dtype name"),
         ("tokenizer = 'no/such/folder'\n", "tokenizer: no/such/folder: no such folder"),
         ("[perplexity]\nmax_ratio = 1.1\n", "perplexity.text: missing"),
         ("[perplexity]\ntext = 'missing.txt'\n", "perplexity.text: missing.txt: no such file"),
@@ -137,7 +205,7 @@ def test_benchmark_models_follow_the_thresholds(tmp_path):
 def test_invalid_configuration_is_one_line_naming_file_and_key(tmp_path, text, expected):
     _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_settings(Options(), tmp_path)
+        _load(tmp_path)
     message = str(info.value)
     assert expected in message
     assert "merge-harness.toml" in message and "\n" not in message
@@ -146,9 +214,9 @@ def test_invalid_configuration_is_one_line_naming_file_and_key(tmp_path, text, e
 def test_explicit_pyproject_without_table_is_refused(tmp_path):
     path = _write(tmp_path, '[project]\nname = "x"\n', "pyproject.toml")
     with pytest.raises(ConfigError, match=r"no \[tool.merge-harness\] table"):
-        load_settings(Options(config_path=path), tmp_path)
+        _load(tmp_path, request=Request(config_path=path))
     with pytest.raises(ConfigError, match="no such file"):
-        load_settings(Options(config_path=tmp_path / "nope.toml"), tmp_path)
+        _load(tmp_path, request=Request(config_path=tmp_path / "nope.toml"))
 
 
 def test_parse_is_usable_without_a_file():
@@ -157,13 +225,15 @@ def test_parse_is_usable_without_a_file():
 
 
 def _check(name: str) -> Check:
-    return Check("benchmark", name, Kind.BENCHMARK, name, lambda ctx: CheckResult.passed("x"))
+    return Check(Family.BENCHMARK, name, name, lambda ctx: CheckResult.passed("x"))
 
 
 def test_decide_is_a_pure_function_of_results_and_configuration():
     suite = [_check("a"), _check("b"), _check("c"), _check("d")]
+    reused = CheckResult.passed("fine")
+    reused.record = BenchmarkRecord("f", {}, 1.0, reused=True)
     results = {
-        "merge::benchmark::a": CheckResult.passed("fine", reused=True),
+        "merge::benchmark::a": reused,
         "merge::benchmark::b": CheckResult(Outcome.INCONCLUSIVE, "too few"),
         "merge::benchmark::c": CheckResult.skipped("n/a"),
     }

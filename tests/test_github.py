@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness import github
+from harness.gate import github
 
 
 def unescape(text: str) -> str:

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from harness.checkpoint import Checkpoint
 from harness.cli import main as cli_main
-from harness.hashing import hash_checkpoint, tensor_digest
-from harness.scan import scan_checkpoint
+from harness.io.checkpoint import Checkpoint
+from harness.stream.hashing import hash_checkpoint, tensor_digest
+from harness.stream.scan import scan_checkpoint
 
 
 def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, per_shard: int) -> None:

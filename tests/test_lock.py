@@ -13,9 +13,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from harness.adapter import Adapter
 from harness.errors import ConfigError
-from harness.lock import FORMAT, Lock, adapter_digest, dumps, read_lock, write_lock
+from harness.gate.lockfile import FORMAT, Lock, dumps, read_lock, write_lock
+from harness.io.adapter import Adapter
+from harness.stream.hashing import adapter_digest
 from tests.helpers import copy_checkpoint, rewrite
 
 # Imported before any in-process pytester run: pytester removes modules first imported during a
@@ -179,7 +180,7 @@ def test_lock_transitions_record_reuse_change_and_approve(pytester, tiny_llama):
         "merge::benchmark::tiny_choice.acc",
     }
     checks = _by_id(_report(pytester))
-    assert not checks["merge::benchmark::tiny_choice.acc"]["metrics"]["reused"]
+    assert not checks["merge::benchmark::tiny_choice.acc"]["record"]["reused"]
     locked_bytes = lock_path.read_bytes()
 
     # 2. Unchanged digests: recorded results are reused, the evaluation is skipped, the summary
@@ -218,10 +219,10 @@ def test_lock_transitions_record_reuse_change_and_approve(pytester, tiny_llama):
     )
     checks = _by_id(_report(pytester))
     assert checks["merge::lock::digests"]["outcome"] == "failed"
-    assert checks["merge::lock::digests"]["metrics"]["changed"] == ["merged"]
+    assert checks["merge::lock::digests"]["lock"]["changed"] == ["merged"]
     assert checks["merge::lock::digests"]["metrics"]["changed_tensors"] == [target]
     for name in ("merge::benchmark::perplexity", "merge::benchmark::tiny_choice.acc"):
-        assert checks[name]["outcome"] == "passed" and not checks[name]["metrics"]["reused"]
+        assert checks[name]["outcome"] == "passed" and not checks[name]["record"]["reused"]
     assert lock_path.read_bytes() == locked_bytes
 
     # 4. The same change approved with --update-merge-lock: the benchmarks re-ran and passed, so
@@ -321,10 +322,11 @@ def test_lock_written_by_the_controller_under_xdist(pytester, tiny_llama):
 
 
 def test_changed_adapter_is_named_and_blocks_reuse(tmp_path, tiny_llama):
-    from harness.context import Context, Options
-    from harness.lock import check_lock, current_digests, reusable
+    from harness.checks.lock import check_lock, current_digests, reusable
+    from harness.run.context import Context
+    from harness.run.settings import Settings
 
-    options = Options(
+    options = Settings(
         merged=tiny_llama.merged,
         base=tiny_llama.base,
         adapter=tiny_llama.adapter,
@@ -343,7 +345,8 @@ def test_changed_adapter_is_named_and_blocks_reuse(tmp_path, tiny_llama):
     assert result.message.startswith(
         "adapter digest changed since merge-harness.lock (adapter 000000000000 ->"
     )
-    assert result.metrics["changed"] == ["adapter"] and result.metrics["changed_tensors"] == []
+    assert result.lock is not None and result.lock.changed == ["adapter"]
+    assert result.metrics["changed_tensors"] == []
     assert reusable(ctx, "merge::benchmark::x.acc", "f" * 64) is None
     # The same lock with the right adapter digest allows reuse, for the same fingerprint only.
     write_lock(

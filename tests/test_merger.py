@@ -9,10 +9,10 @@ import pytest
 import torch
 from oracle_cases import oracle, read_tensors, workshop  # noqa: F401 - the fixture
 
-from harness.checkpoint import INDEX_FILE, Checkpoint
 from harness.errors import HarnessError
-from harness.hashing import hash_folder
+from harness.io.checkpoint import INDEX_FILE, Checkpoint
 from harness.merger import MergeError, merge_checkpoint, parse_size
+from harness.stream.hashing import hash_folder
 from harness.tiny import peft_merge
 
 CASES = [

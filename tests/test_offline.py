@@ -22,9 +22,9 @@ import torch
 from guard import NetworkGuard, install_family
 from safetensors.torch import load_file
 
-from harness.checkpoint import Checkpoint
 from harness.errors import CheckpointError
-from harness.result import CheckResult
+from harness.io.checkpoint import Checkpoint
+from harness.run.result import CheckResult
 
 
 class Payload:
@@ -236,8 +236,10 @@ def test_run_is_offline_and_restored(pytester, tiny_llama, monkeypatch):
         seen["hub"] = hub.HF_HUB_OFFLINE
         return CheckResult.passed("recorded")
 
-    install_family(monkeypatch, "env", {"record": record})
-    result = pytester.runpytest("--merge-checks", "env", "--merged-model", str(tiny_llama.merged))
+    install_family(monkeypatch, {"record": record})
+    result = pytester.runpytest(
+        "--merge-checks", "security", "--merged-model", str(tiny_llama.merged)
+    )
     assert result.ret == 0
     assert seen == {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "hub": True}

@@ -18,14 +18,14 @@ from oracle_cases import (
 )
 from safetensors.torch import save_file
 
-from harness import structure
-from harness.adapter import Adapter
-from harness.checkpoint import Checkpoint
-from harness.context import Context, Options
-from harness.oracle import run_oracle
-from harness.result import Outcome
-from harness.scan import scan_checkpoint
-from harness.weights import oracle as shared_oracle
+from harness.checks import passes
+from harness.io.adapter import Adapter
+from harness.io.checkpoint import Checkpoint
+from harness.oracle.stream import run_oracle
+from harness.run.context import Context
+from harness.run.result import Outcome
+from harness.run.settings import Settings
+from harness.stream.scan import scan_checkpoint
 
 CORRECT = [
     ("llama", "F32", None, {}),
@@ -83,15 +83,28 @@ def test_one_pass_reads_each_tensor_once_and_yields_both_scans(workshop):  # noq
 def test_the_context_runs_the_oracle_once_and_seeds_the_scans(workshop, monkeypatch):  # noqa: F811
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
-    ctx = Context(Options(merged=workshop.ours(base, adapter), base=base, adapter=adapter))
+    ctx = Context(Settings(merged=workshop.ours(base, adapter), base=base, adapter=adapter))
 
     def no_second_read(checkpoint):
         raise AssertionError("scanned again")
 
-    monkeypatch.setattr(structure, "scan_checkpoint", no_second_read)
-    assert structure.merged_scan(ctx).manifest.digest
-    assert structure.base_scan(ctx).manifest.digest
-    assert shared_oracle(ctx) is shared_oracle(ctx)
+    monkeypatch.setattr(passes, "scan_checkpoint", no_second_read)
+    assert passes.merged_scan(ctx).manifest.digest
+    assert passes.base_scan(ctx).manifest.digest
+    assert passes.oracle(ctx) is passes.oracle(ctx)
+
+
+def test_without_the_weights_family_the_scan_reads_on_its_own(workshop):  # noqa: F811
+    """Structure and hash alone do not pay for the oracle: a plain scan gives the digests."""
+    from harness.run.result import Family
+
+    base = workshop.base("llama", "BF16")
+    adapter = workshop.adapter(base)
+    settings = Settings(merged=workshop.ours(base, adapter), base=base, adapter=adapter,
+                        families=frozenset({Family.STRUCTURE, Family.HASH}))
+    ctx = Context(settings)
+    assert passes.merged_scan(ctx).manifest.digest
+    assert not ctx.known(passes.ORACLE)
 
 
 def test_layer_table(workshop):  # noqa: F811
@@ -103,7 +116,7 @@ def test_layer_table(workshop):  # noqa: F811
     q0 = "model.layers.0.self_attn.q_proj.weight"
     doubled = write_faulty(merged, workshop.folder("table"), {q0: rounded(w[q0], deltas[q0] * 2)})
     result = weight_results(doubled, base, adapter)["targeted_match_reference"]
-    layers = {row["tensor"]: row for row in result.metrics["layers"]}
+    layers = {row["tensor"]: row for row in result.layers}
     assert set(layers) == {n for n in deltas}
     assert layers[q0]["ratio"] == pytest.approx(2.0, rel=0.01)
     assert layers[q0]["ok"] is False
@@ -122,9 +135,9 @@ def test_items_skip_without_adapter_or_base(workshop):  # noqa: F811
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     merged = workshop.ours(base, adapter)
-    for options in (Options(merged=merged, base=base), Options(merged=merged, adapter=adapter)):
-        from harness.runner import run_check
-        from harness.weights import checks
+    for options in (Settings(merged=merged, base=base), Settings(merged=merged, adapter=adapter)):
+        from harness.checks.weights import checks
+        from harness.run.runner import run_check
 
         ctx = Context(options)
         assert {run_check(c, ctx).outcome for c in checks(options)} == {Outcome.SKIPPED}

@@ -19,7 +19,7 @@ import pytest
 from guard import NetworkGuard, differences, install_family, snapshot
 from safetensors.torch import load_file, save_file
 
-from harness.result import CheckResult
+from harness.run.result import CheckResult
 
 GATE_CONFIG = Path(__file__).resolve().parent.parent / "fixtures" / "gate" / "merge-harness.toml"
 #: os.open flags that write.
@@ -179,10 +179,10 @@ def test_interrupted_run_changes_nothing(pytester: pytest.Pytester, inputs, monk
         seen.append("ran after the interrupt")
         return CheckResult.passed("should never run")
 
-    install_family(monkeypatch, "stop", {"interrupt": interrupt, "after": after})
+    install_family(monkeypatch, {"interrupt": interrupt, "after": after})
     before = snapshots(inputs)
     result = pytester.runpytest(
-        "--merge-checks", "structure,weights,stop", *args_for(inputs),
+        "--merge-checks", "structure,weights,security", *args_for(inputs),
         "--merge-report", str(pytester.path / "report.json"),
         no_reraise_ctrlc=True,  # the inner run was interrupted; this test was not
     )

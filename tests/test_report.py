@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.plot import layer_rows, plot_layers, short_name
-from harness.report import build_report, junit_properties, render_markdown
-from harness.result import Check, CheckResult, Kind, Outcome
+from harness.gate.decide import decide
+from harness.gate.markdown import render_markdown
+from harness.gate.plot import layer_rows, plot_layers, short_name
+from harness.gate.report import build_report, junit_properties
+from harness.run.check import Check
+from harness.run.result import BenchmarkRecord, CheckResult, Family, Outcome
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -69,22 +72,23 @@ def test_demo_runs_a_real_lm_eval_task_offline(demo):
     assert "PASS merge::benchmark::perplexity" in done.stdout
     report = json.loads((out / "report.json").read_text())
     acc = {c["id"]: c for c in report["checks"]}["merge::benchmark::tiny_choice.acc"]
-    assert acc["metrics"]["n"] == 48 and acc["metrics"]["reused"] is False
-    assert set(acc["metrics"]["values"]) == {"merged", "adapter"}
+    assert acc["metrics"]["n"] == 48 and acc["record"]["reused"] is False
+    assert set(acc["record"]["values"]) == {"merged", "adapter"}
 
 
 def test_report_validates_against_its_schema(demo):
     _, out = demo
     report = json.loads((out / "report.json").read_text())
     _validate(report)
-    assert report["schema_version"] == 1 and report["verdict"]["outcome"] == "passed"
-    kinds = {c["kind"] for c in report["checks"]}
-    assert {"structure", "weights", "hash", "benchmark"} <= kinds
+    assert report["schema_version"] == 2 and report["verdict"]["outcome"] == "passed"
+    families = {c["family"] for c in report["checks"]}
+    assert {"structure", "weights", "hash", "lock", "benchmark"} <= families
     assert set(report["digests"]) == {"merged", "base", "adapter"}
     env = report["environment"]
     assert env["device"] == "cpu" and "torch" in env["versions"] and "lm-eval" in env["versions"]
-    # Private transport fields never reach the report.
-    assert all(not k.startswith("_") for c in report["checks"] for k in c["metrics"])
+    # The per-tensor digests of the lock check travel to the lock file, not into the report.
+    lock = {c["id"]: c for c in report["checks"]}["merge::lock::digests"]["lock"]
+    assert set(lock) == {"path", "status", "changed"}
 
 
 def test_markdown_summary_is_rendered_from_the_report(demo):
@@ -105,7 +109,7 @@ def test_junit_names_and_properties(demo):
     assert ("merge.lock", "digests") in cases and ("merge.structure", "loads") in cases
     case = cases[("merge.benchmark", "tiny_choice.acc")]
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
-    assert props["merge.kind"] == "benchmark" and props["merge.outcome"] == "passed"
+    assert props["merge.family"] == "benchmark" and props["merge.outcome"] == "passed"
     assert props["merge.metric.n"] == "48" and props["merge.metric.reused"] == "False"
     assert props["merge.message"].startswith("acc ")
 
@@ -143,31 +147,27 @@ def test_short_tensor_labels():
 
 def _suite() -> tuple[list[Check], dict[str, CheckResult]]:
     suite = [
-        Check("structure", "loads", Kind.STRUCTURE, "loads", lambda ctx: CheckResult.passed("")),
-        Check("benchmark", "t.acc", Kind.BENCHMARK, "acc", lambda ctx: CheckResult.passed("")),
-        Check("hash", "never", Kind.HASH, "deselected", lambda ctx: CheckResult.passed("")),
+        Check(Family.STRUCTURE, "loads", "loads", lambda ctx: CheckResult.passed("")),
+        Check(Family.BENCHMARK, "t.acc", "acc", lambda ctx: CheckResult.passed("")),
+        Check(Family.HASH, "never", "deselected", lambda ctx: CheckResult.passed("")),
     ]
-    results = {
-        "merge::structure::loads": CheckResult.failed(
-            "merged | base differ", ["worst: x | y"], merged_digest="a" * 64, _private=1
-        ),
-        "merge::benchmark::t.acc": CheckResult(
-            Outcome.INCONCLUSIVE,
-            "acc 0.5 on 6 docs",
-            metrics={"values": {"merged": 0.5}, "reused": True, "value": float("nan")},
-        ),
-    }
+    failed = CheckResult.failed("merged | base differ", ["worst: x | y"], worst="a" * 64)
+    failed.digests = {"merged": "a" * 64}
+    inconclusive = CheckResult(Outcome.INCONCLUSIVE, "acc 0.5 on 6 docs")
+    inconclusive.record = BenchmarkRecord("f" * 64, {}, float("nan"), {"merged": 0.5}, True)
+    results = {"merge::structure::loads": failed, "merge::benchmark::t.acc": inconclusive}
     return suite, results
 
 
 def test_report_of_a_failed_run_validates_and_renders():
     suite, results = _suite()
-    report = build_report(suite, results, created="2025-01-01T00:00:00+00:00")
+    verdict = decide(suite, results, inconclusive_blocks=False)
+    report = build_report(suite, results, None, verdict, created="2025-01-01T00:00:00+00:00")
     _validate(report)
     assert report["verdict"]["outcome"] == "failed"
     assert report["checks"][2]["outcome"] == "not_run"
-    assert report["checks"][1]["metrics"]["value"] == "nan"
-    assert "_private" not in report["checks"][0]["metrics"]
+    assert report["checks"][1]["record"]["value"] == "nan"
+    assert report["digests"] == {"merged": "a" * 64}
     markdown = render_markdown(report)
     assert markdown.startswith("## ❌ merge-harness: gate failed")
     assert "- merge::structure::loads: merged \\| base differ" in markdown
@@ -178,6 +178,6 @@ def test_report_of_a_failed_run_validates_and_renders():
 def test_junit_properties_are_flat_scalars():
     suite, results = _suite()
     props = dict(junit_properties(suite[0], results["merge::structure::loads"]))
-    assert props["merge.outcome"] == "failed" and props["merge.kind"] == "structure"
-    assert props["merge.metric.merged_digest"] == "a" * 64
+    assert props["merge.outcome"] == "failed" and props["merge.family"] == "structure"
+    assert props["merge.metric.worst"] == "a" * 64
     assert "merge.metric._private" not in props

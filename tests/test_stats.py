@@ -9,24 +9,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.result import Outcome
-from harness.stats import (
+from harness.evals.intervals import (
     PairCounts,
-    Paired,
-    Summary,
     binomial_two_sided,
-    combine_outcomes,
-    decide_adapter,
-    decide_drop,
-    decide_floor,
     mean_interval,
-    pair,
-    summarize,
     t_quantile,
     tango_paired,
     tango_score,
     wilson,
 )
+from harness.evals.stats import (
+    Paired,
+    Summary,
+    combine_outcomes,
+    decide_adapter,
+    decide_drop,
+    decide_floor,
+    pair,
+    summarize,
+)
+from harness.run.result import Outcome
 
 
 def test_wilson_matches_published_values():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from peft import LoraConfig
 
-from harness.probe import ProbeInput, ProbeSpace
+from harness.behaviour.probe import ProbeInput, ProbeSpace
 from harness.strategies import (
     PROFILE_CI,
     PROFILE_DEV,

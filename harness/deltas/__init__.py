@@ -18,9 +18,10 @@ from harness.deltas.lora import LoraType
 from harness.deltas.lycoris import LohaType, LokrType
 from harness.deltas.tokens import Copy, TokenRows, TokensType, copies
 from harness.errors import UnsupportedAdapterError
+from harness.io.adapter import validate_config
 
 if TYPE_CHECKING:
-    from harness.adapter import Adapter
+    from harness.io.adapter import Adapter
 
 __all__ = ["REGISTRY", "AdapterType", "Edit", "Plan", "Step", "Target", "plan_adapters"]
 
@@ -80,8 +81,6 @@ class Plan:
 
 def plan_adapter(adapter: Adapter, index: int, target: Target) -> list[Edit]:
     """Validate one adapter and plan its edits; raise a HarnessError with a one-line cause."""
-    from harness.adapter import validate_config
-
     entry = REGISTRY.get(adapter.peft_type)
     if entry is None:
         raise UnsupportedAdapterError(

@@ -20,34 +20,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
-from harness.checkpoint import TensorInfo
+from harness.architectures import INPUT_EMBEDDINGS, OUTPUT_HEADS, find_suffix, is_head
 from harness.errors import AdapterError
+from harness.io.safetensors import TensorInfo
+from harness.ulp import compute_dtype
 
 if TYPE_CHECKING:
     import torch
 
-    from harness.adapter import Adapter
+    from harness.io.adapter import Adapter
 
 #: Rows of a stored tensor an edit is evaluated on: a contiguous block, or row numbers.
 Rows: TypeAlias = "slice | torch.Tensor"
-
-#: Input-embedding and output-head tensor names (suffixes), as transformers names them.
-INPUT_EMBEDDINGS = (
-    "embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight"
-)
-OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
-#: Architectures whose projections are transformers' ``Conv1D`` (weights stored ``(in, out)``).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
-CONV1D_MODULES = frozenset({"c_attn", "c_proj", "q_attn", "c_fc"})
-
-
-def _suffix(names: Mapping[str, Any], suffixes: tuple[str, ...]) -> str | None:
-    for suffix in suffixes:
-        hits = sorted(str(n) for n in names if n == suffix or n.endswith("." + suffix))
-        if hits:
-            return hits[0]
-    return None
-
 
 @dataclass(frozen=True)
 class Target:
@@ -66,13 +50,13 @@ class Target:
         """The input embedding tensor when the base ties its output head to it, else None."""
         if not self.config.get("tie_word_embeddings", True):
             return None
-        if _suffix(self.tensors, OUTPUT_HEADS) is not None:
+        if find_suffix(self.tensors, OUTPUT_HEADS) is not None:
             return None
-        return _suffix(self.tensors, INPUT_EMBEDDINGS)
+        return find_suffix(self.tensors, INPUT_EMBEDDINGS)
 
     def is_head(self, logical: str) -> bool:
         """Whether ``logical`` names an output head (``lm_head.weight`` and kin)."""
-        return any(logical == s or logical.endswith("." + s) for s in OUTPUT_HEADS)
+        return is_head(logical)
 
     def resolve(self, logical: str, module: str) -> str:
         """The base tensor that holds ``logical`` (``<module>.weight``); AdapterError if none.
@@ -125,6 +109,12 @@ class Edit(abc.ABC):
     blockable: ClassVar[bool] = True
     #: Whether the change is additive (``R = W + delta``); scale-fault diagnosis needs it.
     additive: ClassVar[bool] = False
+    #: Whether the delta is stored transposed against ``B @ A`` (Conv1D, embeddings).
+    transposed: bool = False
+    #: The scale the delta is multiplied by (None where the type has no scalar scale).
+    scale: float | None = None
+    #: The rank of the update (None where the type has no rank).
+    rank: int | None = None
 
     def __init__(
         self, adapter: Adapter, module: str, tensor: str, base: str, info: TensorInfo, index: int
@@ -176,8 +166,6 @@ class Edit(abc.ABC):
         saving a conversion pass). Must equal ``reference(w', None, rows, code).value`` exactly,
         ``w'`` being ``w`` in the compute dtype.
         """
-        from harness.ulp import compute_dtype
-
         return self.reference(w.to(compute_dtype(code)), None, rows, code).value
 
     @abc.abstractmethod
@@ -191,6 +179,10 @@ class Edit(abc.ABC):
     def alternatives(self) -> list[tuple[str, float]]:
         """Named wrong scale factors a faulty merger might have used (additive edits only)."""
         return []
+
+    def without_variant(self) -> Edit | None:
+        """The edit a merger that ignores the variant computes (DoRA -> LoRA), or None."""
+        return None
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """Validate shapes against the base tensor; raise AdapterError naming the module."""

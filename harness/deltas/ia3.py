@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness.deltas.base import CONV1D_MODEL_TYPES, CONV1D_MODULES, Edit, Rows, Step, Target
+from harness.architectures import CONV1D_MODEL_TYPES, CONV1D_MODULES
+from harness.deltas.base import Edit, Rows, Step, Target
 from harness.errors import AdapterError, UnsupportedAdapterError
 from harness.ulp import compute_roundoff, ulp
 
 if TYPE_CHECKING:
     import torch
 
-    from harness.adapter import Adapter
+    from harness.io.adapter import Adapter
 
 
 class Ia3Scale(Edit):

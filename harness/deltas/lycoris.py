@@ -11,18 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.deltas.base import Edit, Rows, Step, Target, oriented_rows, outer_norms
-from harness.deltas.lora import DELTA_ULPS, LoraScale
+from harness.deltas.lowrank import DELTA_ULPS, LoraScale
 from harness.errors import AdapterError, UnsupportedAdapterError
 from harness.ulp import U32, compute_roundoff, gamma, ulp
 
 if TYPE_CHECKING:
     import torch
 
-    from harness.adapter import Adapter
+    from harness.io.adapter import Adapter
 
 
 class _Lycoris(Edit):
     additive: ClassVar[bool] = True
+    scale: float
 
     def __init__(
         self, *args: Any, roles: dict[str, str], scale: LoraScale, **kwargs: Any
@@ -31,6 +32,7 @@ class _Lycoris(Edit):
         self.roles = roles
         self.settings = scale
         self.scale = scale.value
+        self.rank = scale.r
 
     def describe(self) -> str:
         """``loha r=8 alpha=16 scale=2 (alpha/r)``."""

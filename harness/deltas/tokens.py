@@ -17,7 +17,7 @@ from harness.errors import AdapterError
 if TYPE_CHECKING:
     import torch
 
-    from harness.adapter import Adapter
+    from harness.io.adapter import Adapter
 
 
 class Copy(Edit):

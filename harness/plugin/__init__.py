@@ -19,8 +19,9 @@ from harness.plugin.fixtures import (
     merged_model,
     tiny_merge_factory,
 )
-from harness.plugin.options import add_options, read_options, wanted
-from harness.plugin.state import STATE_KEY, State
+from harness.plugin.options import add_options, wanted
+from harness.plugin.state import STATE_KEY
+from harness.run.result import Family
 
 __all__ = [
     "adapter_model",
@@ -33,13 +34,10 @@ __all__ = [
     "tiny_merge_factory",
 ]
 
+#: Marker names and their help: one per check family, and one for every built-in check.
 _MARKERS = {
     "merge_harness": "a built-in merge-harness check",
-    "structure": "merge-harness structure check",
-    "weights": "merge-harness weight oracle check",
-    "behaviour": "merge-harness forward-pass check",
-    "hash": "merge-harness hash check",
-    "benchmark": "merge-harness benchmark check",
+    **{family.value: family.marker_help for family in Family},
 }
 SESSION_PLUGIN = "merge_harness_session"
 
@@ -58,17 +56,16 @@ def pytest_configure(config: pytest.Config) -> None:
     from harness.plugin.session import HarnessSession
     from harness.plugin.setup import prepare
 
-    state = State(read_options(config))
-    prepare(state, config)
+    state = prepare(config)
     config.stash[STATE_KEY] = state
     config.pluginmanager.register(HarnessSession(state, config), SESSION_PLUGIN)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist: hand the controller's resolved inputs (its own merge included) to each worker."""
+    """xdist: hand the controller's settings (its own merge included) to each worker."""
     state = node.config.stash.get(STATE_KEY, None)
     if state is not None:
-        from harness.plugin.setup import export_for_worker
+        from harness.plugin.setup import WORKER_KEY, export_settings
 
-        node.workerinput["merge_harness"] = export_for_worker(state)
+        node.workerinput[WORKER_KEY] = export_settings(state.settings)

@@ -122,14 +122,16 @@ def merge_case(request: pytest.FixtureRequest) -> MergeCase:
     from harness.case import MergeCase
 
     state = _state(request.config)
-    if state is None or state.options.merged is None:
+    if state is None or state.settings.merged is None:
         pytest.skip(_NO_MERGE)
-    options = state.options
-    return MergeCase(options.merged, options.base, options.adapter, None, options, state.context())
+    settings = state.settings
+    return MergeCase(
+        settings.merged, settings.base, settings.adapter, None, settings, state.context()
+    )
 
 
 def _load(case: MergeCase, what: str) -> Any:
-    from harness.behaviour import missing_libraries
+    from harness.behaviour.models import missing_libraries
     from harness.errors import HarnessError
 
     reason = missing_libraries()

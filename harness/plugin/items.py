@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.result import Check, CheckResult, Kind, Outcome
+from harness.gate.report import junit_properties
+from harness.run.check import Check
+from harness.run.result import CheckResult, Family, Outcome
+from harness.run.runner import run_check
 
 if TYPE_CHECKING:
     from harness.plugin.state import State
@@ -44,26 +47,22 @@ class CheckItem(pytest.Item):
         self.check = check
         self.state = state
         self.add_marker(pytest.mark.merge_harness)
-        self.add_marker(getattr(pytest.mark, check.kind.value))
-        if check.kind is Kind.BENCHMARK and self.config.pluginmanager.hasplugin("xdist"):
+        self.add_marker(getattr(pytest.mark, check.family.value))
+        if check.family is Family.BENCHMARK and self.config.pluginmanager.hasplugin("xdist"):
             # Under ``pytest-xdist --dist loadgroup`` every benchmark item runs on one worker, so
             # each model is evaluated once per run instead of once per worker.
             self.add_marker(pytest.mark.xdist_group("merge-harness-benchmark"))
 
     def runtest(self) -> None:
         """Run the check; fail, skip or warn according to its outcome."""
-        from harness.runner import run_check
-
-        result = run_check(self.check, self.state.context(), self.state.options.check_timeout)
+        result = run_check(self.check, self.state.context(), self.state.settings.timeout)
         self.user_properties.append((RESULT_PROPERTY, json.dumps(result.to_json(), default=str)))
-        from harness.report import junit_properties
-
-        # Kind, outcome, message and scalar figures as JUnit <property> elements (--junitxml).
+        # Family, outcome, message and scalar figures as JUnit <property> elements (--junitxml).
         self.user_properties.extend(junit_properties(self.check, result))
         if result.outcome is Outcome.FAILED:
             raise CheckFailed(result)
         if result.outcome is Outcome.INCONCLUSIVE:
-            if self.state.inconclusive_blocks():
+            if self.state.settings.config.inconclusive_blocks:
                 raise CheckFailed(result)
             pytest.skip(f"inconclusive: {result.message}")
         if result.outcome is Outcome.SKIPPED:
@@ -80,9 +79,8 @@ class CheckItem(pytest.Item):
         if isinstance(excinfo.value, CheckFailed):
             result = excinfo.value.result
             lines = [result.message, *("  " + d for d in result.details)]
-            trace = result.metrics.get("traceback")
-            if trace and self.config.getoption("fulltrace", False):
-                lines.append(str(trace))
+            if result.traceback and self.config.getoption("fulltrace", False):
+                lines.append(result.traceback)
             return "\n".join(lines)
         if self.config.getoption("fulltrace", False):
             return str(super().repr_failure(excinfo, style=style))

@@ -1,18 +1,27 @@
-"""Command-line options and ini keys of the plugin, and their translation into :class:`Options`."""
+"""Command-line options and ini keys of the plugin, and their translation into a ``Request``.
+
+The knobs (``--merge-ulp``, ``--merge-device``...) come from :data:`harness.run.knobs.KNOBS`:
+each is parsed by its own typed function, so a bad value is pytest's usage error (exit 4) with
+the knob's message, and an option left out stays *unset* (the configuration file may then set
+it). Nothing here decides precedence: :func:`harness.run.settings.resolve` does, once.
+"""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.context import Options
+from harness.run.knobs import KNOBS, Knob, KnobError
+from harness.run.settings import Request
 
 GROUP = "merge-harness"
 
-#: (flag, ini key or None, argparse keywords, help)
-_PATH_OPTIONS = [
+#: (flag, dest and ini key, help) of the three inputs.
+PATH_OPTIONS = (
     ("--merged-model", "merged_model", "the merged checkpoint folder to verify"),
     (
         "--base-model",
@@ -21,112 +30,84 @@ _PATH_OPTIONS = [
         " base_model_name_or_path when it is a local folder)",
     ),
     ("--adapter", "adapter", "the PEFT adapter folder that was merged"),
-]
+)
+#: (flag, dest, help) of the boolean switches.
+SWITCHES = (
+    (
+        "--merge-allow-pickle",
+        "merge_allow_pickle",
+        "read pickle .bin checkpoints (with torch.load(weights_only=True) only)",
+    ),
+    (
+        "--merge-trust-remote-code",
+        "merge_trust_remote_code",
+        "allow configs with auto_map custom code (off: such configs are refused)",
+    ),
+    (
+        "--update-merge-lock",
+        "update_merge_lock",
+        "record the digests and benchmark results of this run in the lock file",
+    ),
+)
+#: (flag, dest, metavar, help) of the files the run reads or writes.
+FILE_OPTIONS = (
+    (
+        "--merge-config",
+        "merge_config",
+        "FILE",
+        "gate configuration (default: [tool.merge-harness] in pyproject.toml, or"
+        " merge-harness.toml)",
+    ),
+    (
+        "--merge-lock",
+        "merge_lock",
+        "FILE",
+        "lock file of approved digests and results (default: merge-harness.lock beside the"
+        " config)",
+    ),
+    ("--merge-report", "merge_report", "PATH", "write a JSON report of every check"),
+    (
+        "--merge-summary",
+        "merge_summary",
+        "PATH",
+        "write a GitHub-flavoured markdown summary (for $GITHUB_STEP_SUMMARY)",
+    ),
+)
+
+
+def argument_type(knob: Knob) -> Callable[[str], Any]:
+    """An argparse ``type=`` for ``knob``: its parser, with its message on a bad value."""
+
+    def convert(text: str) -> Any:
+        try:
+            return knob.parse(text)
+        except KnobError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = knob.name
+    return convert
 
 
 def add_options(parser: pytest.Parser) -> None:
     """Register the option group shown by ``pytest --help`` and the matching ini keys."""
     group = parser.getgroup(GROUP, "merge-harness: verify a merged LoRA/PEFT checkpoint")
-    for flag, ini, text in _PATH_OPTIONS:
-        group.addoption(flag, dest=ini, metavar="PATH", default=None, help=text)
-        parser.addini(ini, f"{text} (relative to the ini file)", type="string", default="")
-    group.addoption(
-        "--merge-ulp",
-        dest="merge_ulp",
-        type=float,
-        default=None,
-        metavar="K",
-        help="allowed rounding error of targeted tensors in ULPs of the stored dtype (default 1)",
-    )
-    group.addoption(
-        "--merge-allow-pickle",
-        dest="merge_allow_pickle",
-        action="store_true",
-        default=False,
-        help="read pickle .bin checkpoints (with torch.load(weights_only=True) only)",
-    )
-    group.addoption(
-        "--merge-trust-remote-code",
-        dest="merge_trust_remote_code",
-        action="store_true",
-        default=False,
-        help="allow configs with auto_map custom code (off: such configs are refused)",
-    )
-    group.addoption(
-        "--merge-device",
-        dest="merge_device",
-        default=None,
-        metavar="DEVICE",
-        help="device for forward passes: cpu (default), cuda, cuda:1",
-    )
-    group.addoption(
-        "--merge-dtype",
-        dest="merge_dtype",
-        default=None,
-        metavar="DTYPE",
-        help="dtype for the forward-pass comparison (default: fp32 on a CPU for bf16/fp16"
-        " checkpoints, else the checkpoint's)",
-    )
-    group.addoption(
-        "--merge-examples",
-        dest="merge_examples",
-        type=int,
-        default=None,
-        metavar="N",
-        help="hypothesis examples per behaviour property (default 20)",
-    )
-    group.addoption(
-        "--merge-timeout",
-        dest="merge_timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="fail a check that runs longer than this (default: no limit)",
-    )
-    group.addoption(
-        "--merge-checks",
-        dest="merge_checks",
-        default=None,
-        metavar="FAMILIES",
-        help="comma-separated families to run: structure,weights,hash,behaviour,benchmark",
-    )
-    group.addoption(
-        "--merge-config",
-        dest="merge_config",
-        default=None,
-        metavar="FILE",
-        help="gate configuration (default: [tool.merge-harness] in pyproject.toml, or"
-        " merge-harness.toml)",
-    )
-    group.addoption(
-        "--merge-lock",
-        dest="merge_lock",
-        default=None,
-        metavar="FILE",
-        help="lock file of approved digests and results (default: merge-harness.lock beside the"
-        " config)",
-    )
-    group.addoption(
-        "--update-merge-lock",
-        dest="update_merge_lock",
-        action="store_true",
-        default=False,
-        help="record the digests and benchmark results of this run in the lock file",
-    )
-    group.addoption(
-        "--merge-report",
-        dest="merge_report",
-        default=None,
-        metavar="PATH",
-        help="write a JSON report of every check",
-    )
-    group.addoption(
-        "--merge-summary",
-        dest="merge_summary",
-        default=None,
-        metavar="PATH",
-        help="write a GitHub-flavoured markdown summary (for $GITHUB_STEP_SUMMARY)",
-    )
+    for flag, dest, text in PATH_OPTIONS:
+        group.addoption(flag, dest=dest, metavar="PATH", default=None, help=text)
+        parser.addini(dest, f"{text} (relative to the ini file)", type="string", default="")
+    for knob in KNOBS:
+        default = "" if knob.default is None else f" (default: {knob.default})"
+        group.addoption(
+            knob.flag,
+            dest=knob.dest,
+            type=argument_type(knob),
+            default=None,
+            metavar=knob.metavar,
+            help=f"{knob.help}{default}; config key {knob.key}",
+        )
+    for flag, dest, text in SWITCHES:
+        group.addoption(flag, dest=dest, action="store_true", default=False, help=text)
+    for flag, dest, metavar, text in FILE_OPTIONS:
+        group.addoption(flag, dest=dest, default=None, metavar=metavar, help=text)
 
 
 def _path(config: pytest.Config, dest: str) -> Path | None:
@@ -140,73 +121,37 @@ def _path(config: pytest.Config, dest: str) -> Path | None:
     return None
 
 
+def _file(config: pytest.Config, dest: str) -> Path | None:
+    value = config.getoption(dest)
+    return Path(value).expanduser().absolute() if value else None
+
+
 def wanted(config: pytest.Config) -> bool:
     """Whether this run asked for merge checks at all (cheap: no imports beyond options)."""
-    return any(_path(config, dest) for _, dest, _ in _PATH_OPTIONS)
+    return any(_path(config, dest) for _, dest, _ in PATH_OPTIONS)
 
 
-def read_options(config: pytest.Config) -> Options:
-    """Build :class:`Options` from the command line and ini file; raise UsageError if invalid."""
-    options = Options(
-        merged=_path(config, "merged_model"),
-        base=_path(config, "base_model"),
-        adapter=_path(config, "adapter"),
+def read_request(config: pytest.Config) -> Request:
+    """The :class:`Request` the command line and ini file make; UsageError if an input is absent."""
+    inputs = {dest: _path(config, dest) for _, dest, _ in PATH_OPTIONS}
+    for flag, dest, _ in PATH_OPTIONS:
+        path = inputs[dest]
+        if path is not None and not path.exists():
+            raise pytest.UsageError(f"{flag} {path}: no such file or folder")
+    return Request(
+        merged=inputs["merged_model"],
+        base=inputs["base_model"],
+        adapter=inputs["adapter"],
         allow_pickle=bool(config.getoption("merge_allow_pickle")),
         trust_remote_code=bool(config.getoption("merge_trust_remote_code")),
+        config_path=_file(config, "merge_config"),
+        lock_path=_file(config, "merge_lock"),
         update_lock=bool(config.getoption("update_merge_lock")),
+        report_path=_file(config, "merge_report"),
+        summary_path=_file(config, "merge_summary"),
+        overrides={
+            knob.name: config.getoption(knob.dest)
+            for knob in KNOBS
+            if config.getoption(knob.dest) is not None
+        },
     )
-    for label, path in (
-        ("--merged-model", options.merged),
-        ("--base-model", options.base),
-        ("--adapter", options.adapter),
-    ):
-        if path is not None and not path.exists():
-            raise pytest.UsageError(f"{label} {path}: no such file or folder")
-    ulp = config.getoption("merge_ulp")
-    if ulp is not None:
-        if not ulp >= 0:
-            raise pytest.UsageError(f"--merge-ulp must be >= 0, got {ulp}")
-        options.ulp_tolerance = float(ulp)
-    examples = config.getoption("merge_examples")
-    if examples is not None:
-        if examples < 1:
-            raise pytest.UsageError(f"--merge-examples must be >= 1, got {examples}")
-        options.examples = int(examples)
-    timeout = config.getoption("merge_timeout")
-    if timeout is not None:
-        if not timeout > 0:
-            raise pytest.UsageError(f"--merge-timeout must be > 0, got {timeout}")
-        options.check_timeout = float(timeout)
-    device = config.getoption("merge_device")
-    if device:
-        options.device = str(device)
-    dtype = config.getoption("merge_dtype")
-    if dtype:
-        from harness.dtypes import from_name
-
-        try:
-            options.dtype = from_name(str(dtype))
-        except KeyError as exc:
-            raise pytest.UsageError(f"--merge-dtype: {exc.args[0]}") from None
-    families = config.getoption("merge_checks")
-    if families:
-        from harness.suite import FAMILIES
-
-        chosen = frozenset(f.strip() for f in str(families).split(",") if f.strip())
-        unknown = sorted(chosen - set(FAMILIES))
-        if unknown:
-            raise pytest.UsageError(
-                f"--merge-checks: unknown famil{'y' if len(unknown) == 1 else 'ies'}"
-                f" {', '.join(unknown)} (known: {', '.join(FAMILIES)})"
-            )
-        options.families = chosen
-    for dest, attr in (
-        ("merge_config", "config_path"),
-        ("merge_lock", "lock_path"),
-        ("merge_report", "report_path"),
-        ("merge_summary", "summary_path"),
-    ):
-        value = config.getoption(dest)
-        if value:
-            setattr(options, attr, Path(value).expanduser().absolute())
-    return options

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from harness.gate.report import summary_lines
+from harness.plugin.finish import apply_gate
 from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.plugin.state import State
-from harness.result import CheckResult, Outcome
+from harness.run.result import CheckResult, Outcome
 
 _MARK = {
     Outcome.PASSED: "PASS",
@@ -34,14 +36,14 @@ class HarnessSession:
         self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
         """Append one item per built-in check, before ``-k``/``-m`` deselection sees them."""
-        merged = self.state.options.merged
+        merged = self.state.settings.merged
         if merged is not None:
             suite = MergeSuite.from_parent(session, name="merge", nodeid="merge", path=merged)
         else:
             suite = MergeSuite.from_parent(session, name="merge", nodeid="merge")
         generated: list[pytest.Item] = [
             CheckItem.from_parent(
-                suite, name=f"{check.family}::{check.name}", check=check, state=self.state
+                suite, name=f"{check.family.value}::{check.name}", check=check, state=self.state
             )
             for check in self.state.suite
         ]
@@ -61,8 +63,6 @@ class HarnessSession:
         """The merge-harness section: each check, the digests and the size comparison."""
         if self.is_worker or not (self.state.results or self.state.gate_lines):
             return
-        from harness.report import summary_lines
-
         terminalreporter.section("merge-harness")
         for line in self.state.notes:
             terminalreporter.write_line(line)
@@ -76,14 +76,12 @@ class HarnessSession:
         """Apply the gate once, on the controller: reports, lock file and final exit status."""
         if self.is_worker:
             return
-        from harness.gate import apply_gate
-
         status = apply_gate(self.state, int(exitstatus))
         if status is not None:
             session.exitstatus = status
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         """Remove the harness's own temporary merge (never a user's folder)."""
-        workdir = self.state.options.workdir
+        workdir = self.state.settings.workdir
         if workdir is not None and not self.is_worker and workdir.name.startswith("merge-harness-"):
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,8 +1,14 @@
-"""Resolve a run's inputs before collection: discover the base, merge if asked, build the suite."""
+"""Resolve a run before collection: discover the base, merge if asked, build settings and suite.
+
+The controller does this once; xdist workers receive the controller's :class:`Settings` whole
+(its own merge included) instead of resolving again.
+"""
 
 from __future__ import annotations
 
-import json
+import base64
+import dataclasses
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,107 +16,106 @@ from typing import Any
 
 import pytest
 
-from harness.errors import HarnessError
+from harness.checks import build_suite
+from harness.errors import HarnessError, one_line
+from harness.io.adapter import discover_base
+from harness.merger import merge_checkpoint
+from harness.offline import enforce_offline
+from harness.plugin.options import read_request
 from harness.plugin.state import State
+from harness.run.settings import Request, Settings, resolve
 
 WORKER_KEY = "merge_harness"
 
 
-def prepare(state: State, config: pytest.Config) -> None:
-    """Fill in what the options leave implicit; raise ``pytest.UsageError`` when impossible.
+def prepare(config: pytest.Config) -> State:
+    """The run's :class:`State`; raise ``pytest.UsageError`` when the run cannot start.
 
-    On an xdist worker the controller's resolved paths are reused, so the controller's own merge
-    (when no ``--merged-model`` was given) is done once, not once per worker. The run is switched
-    offline first (undone when pytest unconfigures). Any failure is a usage error (exit 4) with a
-    one-line cause, never an INTERNALERROR; ``--full-trace`` shows the traceback of an
-    unexpected one.
+    The run is switched offline first (undone when pytest unconfigures). Any failure is a usage
+    error (exit 4) with a one-line cause, never an INTERNALERROR; ``--full-trace`` shows the
+    traceback of an unexpected one.
     """
-    from harness.offline import enforce_offline
-
     config.add_cleanup(enforce_offline())
     try:
-        _prepare(state, config)
+        return _prepare(config)
     except pytest.UsageError:
         raise
     except HarnessError as exc:
-        raise pytest.UsageError(_one_line(str(exc))) from None
+        raise pytest.UsageError(one_line(exc)) from None
     except Exception as exc:
         if config.getoption("fulltrace", False):
             raise
         raise pytest.UsageError(
-            f"merge-harness could not start: {type(exc).__name__}: {_one_line(str(exc))}"
+            f"merge-harness could not start: {type(exc).__name__}: {one_line(exc)}"
             " (--full-trace shows where)"
         ) from None
 
 
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else "(no message)"
-
-
-def _prepare(state: State, config: pytest.Config) -> None:
-    options = state.options
+def _prepare(config: pytest.Config) -> State:
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if workerinput is not None and WORKER_KEY in workerinput:
-        shared = json.loads(workerinput[WORKER_KEY])
-        for attr in ("merged", "base", "workdir"):
-            if shared.get(attr):
-                setattr(options, attr, Path(shared[attr]))
+        state = State(import_settings(workerinput[WORKER_KEY]))
     else:
-        _resolve(state, config)
-    from harness.gate import load_settings
-
-    try:
-        load_settings(options, config.rootpath)
-    except HarnessError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    from harness.suite import build_suite
-
-    state.suite = build_suite(options)
+        state = _resolve(config)
+    state.suite = build_suite(state.settings)
+    return state
 
 
-def _resolve(state: State, config: pytest.Config) -> None:
-    options = state.options
-    if options.base is None and options.adapter is not None:
-        from harness.adapter import discover_base
-
+def _resolve(config: pytest.Config) -> State:
+    request = read_request(config)
+    notes: list[str] = []
+    if request.base is None and request.adapter is not None:
         try:
-            options.base = discover_base(options.adapter).absolute()
+            base = discover_base(request.adapter).absolute()
         except HarnessError as exc:
             raise pytest.UsageError(f"--adapter: {exc}") from None
-        state.notes.append(f"base model discovered from adapter_config.json: {options.base}")
-    if options.merged is None:
-        if options.base is None or options.adapter is None:
+        request = dataclasses.replace(request, base=base)
+        notes.append(f"base model discovered from adapter_config.json: {base}")
+    workdir: Path | None = None
+    if request.merged is None:
+        if request.base is None or request.adapter is None:
             raise pytest.UsageError(
                 "merge-harness needs --merged-model, or --base-model with --adapter to merge"
             )
         workdir = Path(tempfile.mkdtemp(prefix="merge-harness-"))
-        options.workdir = workdir
         target = workdir / "merged"
-        from harness.merger import merge_checkpoint
-
         try:
-            merge_checkpoint(options.base, options.adapter, target, progress=False)
+            merge_checkpoint(request.base, request.adapter, target, progress=False)
         except BaseException as exc:
             # The session plugin that would remove the workdir is never registered: do it here.
             shutil.rmtree(workdir, ignore_errors=True)
-            options.workdir = None
             if isinstance(exc, HarnessError):
                 raise pytest.UsageError(
-                    f"cannot merge {options.adapter} into {options.base}: {_one_line(str(exc))}"
+                    f"cannot merge {request.adapter} into {request.base}: {one_line(exc)}"
                 ) from None
             raise
-        options.merged = target
-        state.notes.append(f"no --merged-model: merged with the streaming merger into {target}")
+        request = dataclasses.replace(request, merged=target)
+        notes.append(f"no --merged-model: merged with the streaming merger into {target}")
+    settings = _settings(request, config, workdir)
+    return State(settings, notes=notes)
 
 
-def export_for_worker(state: State) -> str:
-    """The resolved paths as JSON for ``node.workerinput``."""
-    options = state.options
-    return json.dumps(
-        {
-            "merged": str(options.merged) if options.merged else None,
-            "base": str(options.base) if options.base else None,
-            "workdir": str(options.workdir) if options.workdir else None,
-        }
-    )
+def _settings(request: Request, config: pytest.Config, workdir: Path | None) -> Settings:
+    try:
+        return resolve(request, rootdir=config.rootpath, workdir=workdir)
+    except HarnessError as exc:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise pytest.UsageError(one_line(exc)) from None
+
+
+def export_settings(settings: Settings) -> str:
+    """The settings as text for ``node.workerinput`` (pickled: a channel between our processes).
+
+    Only the controller writes it and only the workers it starts read it; a whole
+    :class:`Settings` (paths, the validated configuration) crosses without a codec per field.
+    """
+    return base64.b64encode(pickle.dumps(settings)).decode("ascii")
+
+
+def import_settings(text: str) -> Settings:
+    """Inverse of :func:`export_settings` (on an xdist worker)."""
+    settings = pickle.loads(base64.b64decode(text))
+    if not isinstance(settings, Settings):
+        raise HarnessError("merge-harness: the controller sent no settings to this worker")
+    return settings

@@ -1,4 +1,4 @@
-"""Per-run plugin state kept in ``config.stash``: options, the context, collected results."""
+"""Per-run plugin state kept in ``config.stash``: settings, the context, collected results."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from harness.context import Context, Options
-from harness.result import Check, CheckResult
+from harness.run.check import Check
+from harness.run.context import Context
+from harness.run.result import CheckResult
+from harness.run.settings import Settings
 
 
 @dataclass
 class State:
     """What the plugin knows during one run (one per process under xdist)."""
 
-    options: Options
+    settings: Settings
     suite: list[Check] = field(default_factory=list)
     #: check id -> result, filled on the controller from every report (xdist included).
     results: dict[str, CheckResult] = field(default_factory=dict)
@@ -26,12 +28,8 @@ class State:
     def context(self) -> Context:
         """The lazily created context of this process."""
         if self._context is None:
-            self._context = Context(self.options)
+            self._context = Context(self.settings)
         return self._context
-
-    def inconclusive_blocks(self) -> bool:
-        """Whether an inconclusive outcome fails the run (gate setting; default no)."""
-        return bool(self.options.settings.get("inconclusive_blocks", False))
 
 
 STATE_KEY = pytest.StashKey[State]()

@@ -1,0 +1,364 @@
+"""Measuring behaviour: the merged model's outputs against the reference, within rounding noise.
+
+The models (M, A, R and the twin T) are described in ``behaviour.models``. On a probe input
+each model's deviation from R is measured over the non-padded positions (max and mean
+``|Δlogit|``, KL divergence, top-1/top-k agreement). A merge is correct when M is no
+further from R than rounding noise, and A's and T's deviations *are* rounding noise. So the
+check passes a probe when::
+
+    max|M-R|  <= C_MAX  * max(max|A-R|,  max|T-R|,  noise_max)  + eps(C) * max|R|
+    mean|M-R| <= C_MEAN * max(mean|A-R|, mean|T-R|, noise_mean) + eps(C) * max|R|
+
+``noise_*`` are the larger of A's and T's deviations on a fixed full-size calibration probe (the
+noise on one short input can be very small by chance; the calibration floor keeps the ratio
+meaningful), and the last term is one unit of the comparison dtype at the logit scale (so equal
+outputs always pass). T runs on a probe only when M fails without it: T can only raise the
+bound, so the verdict is the same. ``C_MAX`` and ``C_MEAN`` were calibrated on thousands of
+probes of correct merges (see ``CALIBRATION``); they are printed with every result. Hypothesis
+draws the probes (``--merge-examples``, derandomised) and shrinks a failure to a minimal input,
+which the message shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from harness.behaviour.models import (
+    TOLERANCE,
+    adapter_model,
+    merged_model,
+    reference_model,
+    setup,
+    twin_model,
+)
+from harness.behaviour.probe import ProbeInput
+from harness.dtypes import MANTISSA_BITS
+from harness.run.context import Context, Key
+
+if TYPE_CHECKING:
+    import torch
+
+#: M's outputs on the calibration probe (``loads`` and the tolerance share them).
+MERGED_CALIBRATION: Key[torch.Tensor] = Key("behaviour:merged-calibration")
+
+#: Allowed ratio of M's max |Δlogit| to the noise's (see CALIBRATION).
+C_MAX = 11.0
+#: Allowed ratio of M's mean |Δlogit| to the noise's (see CALIBRATION).
+C_MEAN = 9.0
+#: How the constants were obtained (printed in the details of every result).
+CALIBRATION = (
+    "C_MAX, C_MEAN: 1.5x the largest ratios seen on correct tiny merges (6 architectures; fp32,"
+    " bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save): 6.79, 4.21 on 4188 probes of"
+    " 449 merges compared in the stored dtype (benchmarks/behaviour_calibration.py --merges 400"
+    " --seed 1 --compare stored); 5.66, 5.83 on 1612 probes of 169 merges in the CPU default"
+    " (--merges 150 --probes 10 --seed 1)"
+)
+#: Largest probe drawn: rows and tokens per row. Two rows already put a padded row beside a
+#: longer one (the padding and mask paths); more rows only add forward-pass time, which at full
+#: k of the top-k agreement figure.
+TOP_K = 5
+#: Outputs that are probability logits (KL and top-k apply); hidden states are compared by value.
+_PROBABILISTIC = frozenset({"CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "MASKED_LM", "QUESTION_ANS"})
+
+# ---- measuring -------------------------------------------------------------------------
+
+
+#: Models below this many parameters run their CPU forward passes on one thread: their matrices
+#: are too small to split, and on a busy machine extra threads only wait for each other (a
+#: tiny model's forward pass was 6x slower on two contended threads than on one).
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+@contextlib.contextmanager
+def compute_threads(model: Any) -> Iterator[None]:
+    """Run a small model's CPU forward passes single-threaded (restored afterwards)."""
+    import torch
+
+    small = getattr(model, "_merge_harness_small", None)
+    if small is None:
+        parameters = list(model.parameters())
+        small = parameters[0].device.type == "cpu" and (
+            sum(p.numel() for p in parameters) < SMALL_MODEL_PARAMETERS
+        )
+        model._merge_harness_small = small
+    if not small:
+        yield
+        return
+    # torch's thread count is per calling thread: set it in the thread that computes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def outputs(model: Any, probe: ProbeInput, task: str, device: str) -> torch.Tensor:
+    """The model's outputs on ``probe`` at the non-padded positions, as float64 ``(rows, K)``.
+
+    Per-token outputs (LM logits, token classes, hidden states) keep only positions whose mask
+    is 1; per-sequence outputs (classification logits) keep every row.
+    """
+    import torch
+
+    batch = probe.tensors(device)
+    with torch.inference_mode(), compute_threads(model):
+        out = model(**batch)
+    if task == "QUESTION_ANS":
+        values = torch.stack([out.start_logits, out.end_logits], dim=-1)
+    elif getattr(out, "logits", None) is not None:
+        values = out.logits
+    else:
+        values = out.last_hidden_state
+    values = values.detach().to(torch.float64)
+    if values.dim() == 3:
+        # (batch, length, K)[mask] -> (tokens, K)
+        values = values[batch["attention_mask"].bool()]
+    return values.reshape(values.shape[0], -1).cpu()
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """How far one model's outputs are from the reference's on one probe."""
+
+    max_abs: float
+    mean_abs: float
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    top1: float | None = None
+    topk: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        """JSON-able figures."""
+        return {k: round_figure(v) for k, v in self.__dict__.items()}
+
+
+def round_figure(value: float | None) -> float | None:
+    """Four significant digits for reports (non-finite values kept as they are)."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return value
+    return float(f"{value:.4g}")
+
+
+def deviation(values: torch.Tensor, reference: torch.Tensor, probabilistic: bool) -> Deviation:
+    """|Δ| statistics, and for logits KL(R || x) and top-1 / top-k agreement, over rows."""
+    import torch
+
+    diff = (values - reference).abs()
+    finite = bool(torch.isfinite(values).all())
+    max_abs = float(diff.max()) if finite else math.inf
+    mean_abs = float(diff.mean()) if finite else math.inf
+    if not probabilistic or not finite:
+        return Deviation(max_abs, mean_abs)
+    log_r = torch.log_softmax(reference, dim=-1)
+    log_x = torch.log_softmax(values, dim=-1)
+    # KL(R || x) per row: sum_j p_R (log p_R - log p_x)
+    kl = (log_r.exp() * (log_r - log_x)).sum(dim=-1).clamp_min(0.0)
+    k = min(TOP_K, reference.shape[-1])
+    top_r = reference.topk(k, dim=-1).indices
+    top_x = values.topk(k, dim=-1).indices
+    top1 = float((top_r[:, 0] == top_x[:, 0]).double().mean())
+    # fraction of R's top-k tokens that x also ranks in its top-k
+    overlap = (top_r.unsqueeze(-1) == top_x.unsqueeze(-2)).any(-1).double().mean()
+    return Deviation(max_abs, mean_abs, float(kl.mean()), float(kl.max()), top1, float(overlap))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The pass rule: M's deviation within ``c`` times A's (floored by calibration) plus a ULP."""
+
+    c_max: float
+    c_mean: float
+    noise_max: float
+    noise_mean: float
+    eps: float
+    #: which model's deviation on which probe set the noise floor
+    source: str = "the adapter model on the calibration probe"
+
+    def limits(self, noise: Deviation, scale: float) -> tuple[float, float]:
+        """Allowed max and mean |Δ| of M on a probe whose own rounding noise is ``noise``."""
+        return (
+            self.max_allowed(noise.max_abs, scale),
+            self.c_mean * max(noise.mean_abs, self.noise_mean) + self.eps * scale,
+        )
+
+    def max_allowed(self, noise_max: float, scale: float) -> float:
+        """Allowed max |Δ| where the noise's max |Δ| is ``noise_max`` and R's max |R| ``scale``."""
+        return self.c_max * max(noise_max, self.noise_max) + self.eps * scale
+
+    def describe(self) -> str:
+        """The rule with its figures."""
+        return (
+            f"allowed: max|M-R| <= {self.c_max:g} x max(max|A-R|, max|T-R|, {self.noise_max:.3g})"
+            f" + eps x max|R|, mean|M-R| <= {self.c_mean:g} x max(mean|A-R|, mean|T-R|,"
+            f" {self.noise_mean:.3g}) + eps x max|R| (eps = {self.eps:.3g}; T the twin, run on a"
+            f" probe only where it can change the verdict); noise floor from {self.source}"
+        )
+
+    def to_json(self) -> dict[str, float | str]:
+        """JSON-able figures."""
+        return {k: v if isinstance(v, str) else float(v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One probe's measurement and verdict."""
+
+    probe: ProbeInput
+    merged: Deviation
+    adapter: Deviation
+    scale: float
+    allowed_max: float
+    allowed_mean: float
+    #: the twin's deviation, measured only when M exceeded the allowance without it
+    twin: Deviation | None = None
+
+    @property
+    def noise(self) -> Deviation:
+        """The probe's own rounding noise: the larger of A's and the twin's deviations."""
+        if self.twin is None:
+            return self.adapter
+        return Deviation(
+            max(self.adapter.max_abs, self.twin.max_abs),
+            max(self.adapter.mean_abs, self.twin.mean_abs),
+        )
+
+    @property
+    def ok(self) -> bool:
+        """Whether M is within tolerance on this probe (NaN never is)."""
+        return self.merged.max_abs <= self.allowed_max and self.merged.mean_abs <= self.allowed_mean
+
+    @property
+    def ratio(self) -> float:
+        """How much of the allowance M uses (>1 fails): the larger of the two criteria."""
+        return max(
+            ratio_of(self.merged.max_abs, self.allowed_max),
+            ratio_of(self.merged.mean_abs, self.allowed_mean),
+        )
+
+    def explain(self) -> str:
+        """The figures of this probe in one line."""
+        return (
+            f"max|M-R| {self.merged.max_abs:.3g} (allowed {self.allowed_max:.3g}; A"
+            f" {self.adapter.max_abs:.3g}{self._twin('max_abs')}), mean|M-R|"
+            f" {self.merged.mean_abs:.3g} (allowed {self.allowed_mean:.3g}; A"
+            f" {self.adapter.mean_abs:.3g}{self._twin('mean_abs')}), logit scale"
+            f" {self.scale:.3g}" + _agreement(self.merged, self.adapter)
+        )
+
+    def _twin(self, figure: str) -> str:
+        return "" if self.twin is None else f", twin {getattr(self.twin, figure):.3g}"
+
+
+def _agreement(merged: Deviation, adapter: Deviation) -> str:
+    if merged.top1 is None or adapter.top1 is None:
+        return ""
+    return (
+        f", top-1 agreement {merged.top1:.1%} (A {adapter.top1:.1%}), KL"
+        f" {merged.kl_mean or 0:.2g} (A {adapter.kl_mean or 0:.2g})"
+    )
+
+
+def ratio_of(value: float, allowed: float) -> float:
+    """How much of ``allowed`` ``value`` uses (NaN uses infinitely much)."""
+    if math.isnan(value):
+        return math.inf
+    if allowed <= 0:
+        return 0.0 if value <= 0 else math.inf
+    return value / allowed
+
+
+def merged_calibration(ctx: Context) -> torch.Tensor:
+    """M's outputs on the calibration probe (computed once: ``loads`` and the tolerance share)."""
+    s = setup(ctx)
+    return ctx.memo(
+        MERGED_CALIBRATION,
+        lambda: outputs(merged_model(ctx), s.space.calibration_probe(), s.task, s.device),
+    )
+
+
+def tolerance(ctx: Context) -> Tolerance:
+    """The calibrated tolerance of this run (its noise floor measured once per context).
+
+    The floor is the larger of two deviations from R on the calibration probe: A's (its
+    rounding noise in the compare dtype; zero in an upcast comparison, where A is R) and the
+    twin's, a correct merge of A stored in the stored dtype. The twin carries the one rounding
+    A never does, that of the merged weights themselves: with an adapter much larger than the
+    weights it merges into, that rounding can exceed A's compute noise even in fp32.
+    """
+
+    def measure() -> Tolerance:
+        s = setup(ctx)
+        probabilistic = s.task in _PROBABILISTIC
+        calibration = s.space.calibration_probe()
+        ref = outputs(reference_model(ctx), calibration, s.task, s.device)
+        twin = deviation(
+            outputs(twin_model(ctx), calibration, s.task, s.device), ref, probabilistic
+        )
+        noises = [twin]
+        source = f"a correct merge stored in {s.stored} (the twin)"
+        if not s.upcast:
+            adapter = outputs(adapter_model(ctx), calibration, s.task, s.device)
+            noises.append(deviation(adapter, ref, probabilistic))
+            source = f"the larger of the adapter model's and {source}'s"
+        source += " deviation on the calibration probe"
+
+        def largest(values: list[float]) -> float:
+            finite = [v for v in values if math.isfinite(v)]
+            return max(finite, default=0.0)
+
+        return Tolerance(
+            C_MAX,
+            C_MEAN,
+            largest([n.max_abs for n in noises]),
+            largest([n.mean_abs for n in noises]),
+            2.0 ** -MANTISSA_BITS[s.compare],
+            source,
+        )
+
+    result: Tolerance = ctx.memo(TOLERANCE, measure)
+    return result
+
+
+class Comparer:
+    """Runs M, A and R on probes and judges each against the calibrated tolerance."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.setup = setup(ctx)
+        self.merged = merged_model(ctx)
+        self.adapter = adapter_model(ctx)
+        self.reference = reference_model(ctx)
+        self.probabilistic = self.setup.task in _PROBABILISTIC
+        self.calibration = self.setup.space.calibration_probe()
+        self.tolerance = tolerance(ctx)
+
+    def run(self, model: Any, probe: ProbeInput) -> torch.Tensor:
+        """One model's outputs on ``probe`` (float64, non-padded positions)."""
+        return outputs(model, probe, self.setup.task, self.setup.device)
+
+    def measure(self, probe: ProbeInput) -> Figures:
+        """M's and A's deviations from R on ``probe``, and the verdict."""
+        ref = self.run(self.reference, probe)
+        merged = deviation(self.run(self.merged, probe), ref, self.probabilistic)
+        # A is R in an upcast comparison: its deviation is zero without a second forward pass
+        adapter_out = ref if self.adapter is self.reference else self.run(self.adapter, probe)
+        adapter = deviation(adapter_out, ref, self.probabilistic)
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        figures = Figures(probe, merged, adapter, scale, *self.tolerance.limits(adapter, scale))
+        if figures.ok or not math.isfinite(merged.max_abs):
+            return figures
+        # Only a larger noise can turn this verdict: measure the twin's on this probe too (on a
+        # correct merge this is rare, so the search costs two or three forward passes a probe)
+        twin = deviation(self.run(twin_model(self.ctx), probe), ref, self.probabilistic)
+        figures = dataclasses.replace(figures, twin=twin)
+        allowed_max, allowed_mean = self.tolerance.limits(figures.noise, scale)
+        return dataclasses.replace(figures, allowed_max=allowed_max, allowed_mean=allowed_mean)
+

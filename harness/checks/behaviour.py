@@ -1,0 +1,333 @@
+"""The ``behaviour`` family: the merged model computes what the unmerged adapter model computes.
+
+On hypothesis-drawn probes each model's deviation from the reference is measured over the
+non-padded positions (max and mean ``|Δlogit|``, KL divergence, top-1/top-k agreement); see
+``harness.behaviour.measure`` for the rule and its calibration. Greedy decoding is compared
+token by token, and divergences are tolerated only at the reference's near-ties.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from harness.behaviour.generation import (
+    GENERATE_TOKENS,
+    Greedy,
+    first_divergence,
+    judge_divergence,
+    prompts,
+)
+from harness.behaviour.measure import (
+    CALIBRATION,
+    Comparer,
+    merged_calibration,
+    outputs,
+    ratio_of,
+    round_figure,
+)
+from harness.behaviour.models import (
+    Setup,
+    memory_shortfall,
+    merged_loaded,
+    missing_libraries,
+    release_models,
+    release_twin,
+    setup,
+    twin_model,
+)
+from harness.behaviour.probe import ProbeInput, pad_rows
+from harness.behaviour.search import Search, search
+from harness.checks.sidecars import check_sidecars
+from harness.dtypes import to_torch
+from harness.errors import HarnessError
+from harness.run.check import Check
+from harness.run.context import Context
+from harness.run.result import CheckResult, Family, Outcome
+from harness.run.settings import Settings
+from harness.strategies import probes_for
+
+if TYPE_CHECKING:
+    import torch
+
+# ---- the checks ------------------------------------------------------------------------------
+
+
+def _skip_reason(ctx: Context, *, pair: bool) -> str | None:
+    reason = missing_libraries()
+    if reason:
+        return reason
+    if pair and (not ctx.has_base or not ctx.has_adapter):
+        missing = " and ".join(
+            flag
+            for flag, present in (("--base-model", ctx.has_base), ("--adapter", ctx.has_adapter))
+            if not present
+        )
+        return (
+            f"needs {missing} to build the unmerged adapter model (merged alone:"
+            " behaviour::loads checks it loads and gives finite outputs)"
+        )
+    return None
+
+
+def check_loads(ctx: Context) -> CheckResult:
+    """The merged folder loads with the task's auto class, fully, and gives finite outputs."""
+    import torch
+
+    reason = _skip_reason(ctx, pair=False) or memory_shortfall(ctx, pair=False)
+    if reason:
+        return CheckResult.skipped(reason)
+    s = setup(ctx)
+    model, info = merged_loaded(ctx)
+    name = type(model).__name__
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        return CheckResult.failed(
+            f"{name} initialised {len(missing)} weight(s) randomly because the merged checkpoint"
+            f" lacks them: {shown}",
+            [s.describe()],
+            missing_keys=missing,
+        )
+    probe = s.space.calibration_probe()
+    runs = [(s.compare, probe, merged_calibration(ctx))]
+    if s.stored == "F16" and s.compare != "F16":
+        # fp16's range (65504) is what overflows; compare in fp32 cannot show it, so one row
+        # also runs in fp16 (the weights hold fp16 values: the casts are exact)
+        row = pad_rows([list(probe.input_ids[0])], "none", 0)
+        runs.append(("F16", row, _outputs_in(model, "F16", row, s)))
+    for dtype, used, values in runs:
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            return CheckResult.failed(
+                f"{name} gives {bad} non-finite output value(s) of {values.numel()} on a"
+                f" {used.batch}x{used.length} probe (overflow in {dtype}?)",
+                [s.describe(), f"probe: {used.describe()}"],
+                nonfinite=bad,
+            )
+    unexpected = list(info.get("unexpected_keys", []))
+    message = (
+        f"loads as {name} ({s.compare}, {s.device}); outputs finite on a"
+        f" {probe.batch}x{probe.length} probe"
+        + "".join(f" and in {d} on a {u.batch}x{u.length} probe" for d, u, _ in runs[1:])
+    )
+    if unexpected:
+        return CheckResult(
+            Outcome.WARNING,
+            message + f"; {len(unexpected)} stored tensor(s) unused by {name}:"
+            f" {', '.join(unexpected[:3])}",
+            [s.describe()],
+            {"unexpected_keys": unexpected},
+        )
+    return CheckResult.passed(message, task=s.task, dtype=s.compare, model_class=name)
+
+
+def _outputs_in(model: Any, dtype: str, probe: ProbeInput, s: Setup) -> torch.Tensor:
+    """``model``'s outputs on ``probe`` computed in ``dtype`` (the model is cast back after)."""
+    before = next(model.parameters()).dtype
+    model.to(to_torch(dtype))
+    try:
+        return outputs(model, probe, s.task, s.device)
+    finally:
+        model.to(before)
+
+
+def check_equivalence(ctx: Context) -> CheckResult:
+    """On hypothesis probes, M deviates from R no more than A's rounding noise allows."""
+    reason = _skip_reason(ctx, pair=True) or memory_shortfall(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
+    comparer = Comparer(ctx)
+    strategy = probes_for(comparer.setup.space)
+    found = search(comparer.measure, strategy, ctx.settings.examples)
+    release_twin(ctx)
+    return equivalence_result(comparer, found)
+
+
+def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
+    """The equivalence check's result from a finished search."""
+    s, tol = comparer.setup, comparer.tolerance
+    details = [s.describe(), tol.describe(), CALIBRATION]
+    metrics: dict[str, Any] = {
+        "probes": len(found.examples),
+        "evaluations": found.evaluations,
+        "tolerance": tol.to_json(),
+        "setup": {
+            "task": s.task,
+            "stored": s.stored,
+            "compare": s.compare,
+            "adapter": s.adapter,
+            "reference": s.reference,
+            "device": s.device,
+        },
+    }
+    if found.minimal is not None:
+        bad = found.minimal
+        times = ratio_of(bad.merged.max_abs, max(bad.noise.max_abs, tol.noise_max))
+        metrics.update(
+            minimal_input=bad.probe.to_json(),
+            merged=bad.merged.to_json(),
+            adapter=bad.adapter.to_json(),
+            twin=None if bad.twin is None else bad.twin.to_json(),
+        )
+        details[:0] = [f"minimal failing input: {bad.probe.describe()}", bad.explain()]
+        if found.note:
+            details.append(found.note)
+        if bad.merged.max_abs > bad.allowed_max:
+            what = f"max|Δ| {bad.merged.max_abs:.3g} > allowed {bad.allowed_max:.3g}"
+        else:
+            what = f"mean|Δ| {bad.merged.mean_abs:.3g} > allowed {bad.allowed_mean:.3g}"
+        return CheckResult.failed(
+            f"merged model deviates from the {s.reference} reference {times:.3g}x more than"
+            f" rounding noise ({what}) on {bad.probe.describe(160)}",
+            details,
+            **metrics,
+        )
+    worst = found.worst
+    if worst is None:
+        raise HarnessError("no probe input was evaluated (hypothesis drew none)")
+    m_max = max(f.merged.max_abs for f in found.examples)
+    a_max = max(f.adapter.max_abs for f in found.examples)
+    metrics.update(
+        worst_ratio=round_figure(worst.ratio),
+        merged_max_abs=round_figure(m_max),
+        adapter_max_abs=round_figure(a_max),
+    )
+    agree = ""
+    top1 = [f.merged.top1 for f in found.examples if f.merged.top1 is not None]
+    top1_a = [f.adapter.top1 for f in found.examples if f.adapter.top1 is not None]
+    if top1 and top1_a:
+        mean_m, mean_a = sum(top1) / len(top1), sum(top1_a) / len(top1_a)
+        agree = f"; top-1 agreement {mean_m:.1%}" + ("" if s.upcast else f" (adapter {mean_a:.1%})")
+        metrics.update(
+            merged_top1=round_figure(sum(top1) / len(top1)),
+            adapter_top1=round_figure(sum(top1_a) / len(top1_a)),
+        )
+    details.append(f"worst probe ({worst.ratio:.0%} of its allowance): {worst.probe.describe()}")
+    details.append(worst.explain())
+    message = (
+        f"merged within tolerance of the {s.reference} reference on {len(found.examples)} probes:"
+        f" max|Δ| {m_max:.3g} vs "
+        + (
+            f"a correct merge's {tol.noise_max:.3g} (the twin, calibration probe)"
+            if s.upcast
+            else f"adapter model's {a_max:.3g}"
+        )
+        + ", worst probe used"
+        f" {worst.ratio:.0%} of its allowance{agree}"
+    )
+    return CheckResult(Outcome.PASSED, message, details, metrics)
+
+
+def check_generation(ctx: Context) -> CheckResult:
+    """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
+    import torch
+
+    reason = _skip_reason(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
+    s = setup(ctx)
+    if s.task != "CAUSAL_LM":
+        release_models(ctx)
+        return CheckResult.skipped(f"greedy decoding applies to causal LMs, not {s.task}")
+    reason = memory_shortfall(ctx, pair=True)
+    if reason:
+        return CheckResult.skipped(reason)
+    comparer = Comparer(ctx)
+    tol = comparer.tolerance
+    lines: list[str] = []
+    tolerated = 0
+    for number, prompt in enumerate(prompts(ctx.settings, s.space), 1):
+        # M decodes token by token with its cache, as a user's generate() does
+        merged = Greedy(comparer.merged, prompt, s.device)
+        tokens: list[int] = []
+        for step in range(GENERATE_TOKENS):
+            tokens.append(int(torch.argmax(merged.logits)))
+            if step + 1 < GENERATE_TOKENS:
+                merged.push(tokens[-1])
+        # A's greedy choice after each common prefix, in one teacher-forced pass: its logits at
+        # position P-1+k are what lockstep decoding would see at step k (the model is causal),
+        # so the first position where A's argmax differs is the first divergence
+        forced = pad_rows([prompt + tokens[:-1]], "none", 0)
+        # (P + N - 1, vocab) -> the N positions that predict generated tokens
+        a_rows = comparer.run(comparer.adapter, forced)[len(prompt) - 1 :]
+        a_picks = [int(i) for i in torch.argmax(a_rows, dim=-1)]
+        first = first_divergence(tokens, a_picks)
+        if first is None:
+            lines.append(f"prompt {number}: identical for {GENERATE_TOKENS} tokens")
+            continue
+        a = a_rows[first]
+        ids = prompt + tokens[:first]
+        prefix = pad_rows([ids], "none", 0)
+        if comparer.reference is comparer.adapter:
+            r = a
+        else:
+            r = comparer.run(comparer.reference, prefix)[-1]
+
+        def twin_logits(prefix: ProbeInput = prefix) -> torch.Tensor:
+            return comparer.run(twin_model(ctx), prefix)[-1]
+
+        found = judge_divergence(r, a, tokens[first], a_picks[first], tol, twin_logits)
+        where = (
+            f"prompt {number} token {first + 1}: merged picks {found.merged_token}, adapter model"
+            f" picks {found.adapter_token}; reference logits differ by {found.gap:.3g}"
+        )
+        if found.tie:
+            tolerated += 1
+            lines.append(
+                f"{where} <= 2 x noise allowance {found.allowed:.3g}: a near tie, tolerated"
+            )
+            continue
+        release_models(ctx)
+        return CheckResult.failed(
+            f"greedy decoding diverges at {where}, more than 2 x the noise allowance"
+            f" {found.allowed:.3g}: not a rounding tie",
+            [f"prompt ids: {prompt}", f"common prefix: {ids}", s.describe(), tol.describe()],
+            prompt=prompt,
+            step=first + 1,
+            gap=found.gap,
+            allowed=found.allowed,
+        )
+    release_models(ctx)
+    count = len(lines)
+    message = (
+        f"greedy decoding identical on {count - tolerated} of {count} prompts for"
+        f" {GENERATE_TOKENS} tokens"
+    )
+    if tolerated:
+        message += f"; {tolerated} divergence(s) at reference near-ties (tolerated)"
+    return CheckResult(
+        Outcome.PASSED,
+        message,
+        [*lines, s.describe()],
+        {"prompts": count, "tolerated": tolerated, "tokens": GENERATE_TOKENS},
+    )
+
+
+def checks(settings: Settings) -> list[Check]:
+    """The behaviour family."""
+    spec = [
+        (
+            "loads",
+            check_loads,
+            "loads with the task's AutoModelFor* class, no weight left random, finite outputs",
+        ),
+        (
+            "equivalence",
+            check_equivalence,
+            "on hypothesis probes, deviates from an fp32 reference no more than the unmerged"
+            " adapter model",
+        ),
+        (
+            "generation",
+            check_generation,
+            "greedy decoding matches the unmerged adapter model (ties within noise excepted)",
+        ),
+        (
+            "sidecars",
+            check_sidecars,
+            "tokenizer files and generation_config.json equal the base's (or the adapter's)",
+        ),
+    ]
+    return [Check(Family.BEHAVIOUR, name, doc, run) for name, run, doc in spec]

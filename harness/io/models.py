@@ -1,0 +1,217 @@
+"""Load transformers models as a user would: the task's ``AutoModelFor*`` class, offline.
+
+Every load passes ``local_files_only=True`` and the user's ``trust_remote_code`` (off by
+default); a ``config.json`` with an ``auto_map`` (custom modelling code) is refused unless the
+user allows remote code, with a one-line cause, before transformers sees it. Loading is quiet:
+progress bars and load reports of transformers and peft are silenced while a model loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import CheckpointError, HarnessError
+
+if TYPE_CHECKING:
+    import torch
+
+#: peft ``task_type`` -> the transformers auto class that loads such a model.
+AUTO_CLASSES: dict[str, str] = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "MASKED_LM": "AutoModelForMaskedLM",
+}
+#: Class-name endings in ``config.json``'s ``architectures`` -> task, for a merge without an
+#: adapter config (first match wins).
+_ARCHITECTURE_TASKS = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForMaskedLM", "MASKED_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+)
+#: config keys of a classification head that the base must be loaded with to fit the adapter.
+HEAD_KEYS = ("num_labels", "id2label", "label2id", "pad_token_id", "problem_type")
+
+
+def task_of(adapter_config: dict[str, Any] | None, model_config: dict[str, Any] | None) -> str:
+    """The model's task: the adapter's ``task_type`` when set, else from ``architectures``."""
+    task = (adapter_config or {}).get("task_type")
+    if isinstance(task, str) and task:
+        return task.upper()
+    for name in (model_config or {}).get("architectures") or []:
+        for suffix, found in _ARCHITECTURE_TASKS:
+            if str(name).endswith(suffix):
+                return found
+    return (
+        "FEATURE_EXTRACTION" if model_config and model_config.get("architectures") else "CAUSAL_LM"
+    )
+
+
+def auto_class(task: str) -> Any:
+    """The transformers auto class for ``task``; HarnessError for a task the harness cannot run."""
+    import transformers
+
+    name = AUTO_CLASSES.get(task)
+    if name is None:
+        raise HarnessError(
+            f"task {task!r} is not supported by the behaviour checks (supported:"
+            f" {', '.join(AUTO_CLASSES)})"
+        )
+    return getattr(transformers, name)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports (restored afterwards)."""
+    import transformers.utils.logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder; HarnessError when absent or malformed."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (transformers cannot load it)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a config that needs custom code unless the user allowed it."""
+    config = read_config(folder)
+    if config.get("auto_map") and not trust_remote_code:
+        raise HarnessError(
+            f"{folder / 'config.json'}: auto_map asks for custom modelling code; refusing to run it"
+            " (pass --merge-trust-remote-code to allow)"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from ``--merge-device``; HarnessError when unusable here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HarnessError(f"--merge-device {name!r}: not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"--merge-device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise HarnessError(f"--merge-device {name}: MPS is not available on this machine")
+    return device
+
+
+def load_pretrained(
+    folder: Path,
+    task: str,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    head: dict[str, Any] | None = None,
+    stored: torch.dtype | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Load ``folder`` with the task's auto class; return the model (eval mode) and load info.
+
+    The load info has ``missing_keys`` (weights transformers initialised randomly because the
+    checkpoint lacks them) and ``unexpected_keys`` (stored weights the class does not use).
+    ``head`` overrides config keys of a classification head (labels, pad id). With ``stored``
+    (the dtype the checkpoint holds), the model loads in that dtype and is cast to ``dtype``
+    afterwards: the same values when ``dtype`` is wider, and faster than transformers'
+    converting load (a 1.1B bf16 Llama: 0.1 s memory-mapped + 4.9 s cast, against 14.3 s).
+    """
+    refuse_remote_code(folder, trust_remote_code)
+    cls = auto_class(task)
+    target = resolve_device(device)
+    try:
+        with quiet():
+            model, info = cls.from_pretrained(
+                folder,
+                dtype=dtype if stored is None else stored,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **(head or {}),
+            )
+    except HarnessError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise HarnessError(
+            f"{folder}: transformers cannot load it as {cls.__name__}: {_first(exc)}"
+        ) from None
+    if stored is not None and dtype != stored:
+        model.to(dtype)
+    model.to(target)
+    model.eval()
+    return model, {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in info.items()}
+
+
+def load_peft(
+    base: Path,
+    adapter: Path,
+    task: str,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    head: dict[str, Any] | None = None,
+    stored: torch.dtype | None = None,
+) -> Any:
+    """The unmerged adapter model: ``PeftModel.from_pretrained`` on the base, in eval mode.
+
+    peft keeps half-precision adapter weights in float32 (``autocast_adapter_dtype``), exactly
+    as a user's inference with the unmerged adapter runs. ``stored`` is the base's own dtype
+    (see :func:`load_pretrained`).
+    """
+    from peft import PeftModel
+
+    model, _ = load_pretrained(
+        base,
+        task,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        head=head,
+        stored=stored,
+    )
+    try:
+        with quiet():
+            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise HarnessError(f"{adapter}: peft cannot apply it to {base}: {_first(exc)}") from None
+    peft_model.to(resolve_device(device))
+    peft_model.eval()
+    return peft_model
+
+
+def _first(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
