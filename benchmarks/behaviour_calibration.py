@@ -35,11 +35,12 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-import harness.behaviour.measure as behaviour
 from harness import tiny
+from harness.behaviour import measure as behaviour
+from harness.behaviour.models import release_models
 from harness.run.context import Context
 from harness.run.settings import Settings
-from harness.strategies import merge_cases
+from harness.strategies import merge_cases, probes_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         tol = comparer.tolerance
         rows = []
         for _ in range(args.probes):
-            probe = data.draw(comparer.setup.space.strategy())
+            probe = data.draw(probes_for(comparer.setup.space))
             f = comparer.measure(probe)
             r_max = _ratio(f.merged.max_abs, max(f.noise.max_abs, tol.noise_max))
             r_mean = _ratio(f.merged.mean_abs, max(f.noise.mean_abs, tol.noise_mean))
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             top.append((max(r_max / behaviour.C_MAX, r_mean / behaviour.C_MEAN), spec.key()))
         if sink:
             sink.write(json.dumps({"spec": spec.key(), "rows": rows}) + "\n")
-        behaviour.release_models(ctx)
+        release_models(ctx)
         shutil.rmtree(folder, ignore_errors=True)
 
     sweep()

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from faults import inject
 
-import harness.behaviour.measure as behaviour
 from harness.case import MergeCase
+from harness.checks import behaviour
 from harness.plugin.fixtures import TinyMergeFactory
 from harness.run.result import CheckResult
 from harness.run.runner import run_check

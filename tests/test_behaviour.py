@@ -16,8 +16,8 @@ from faults import DTYPE_ROTATION, FAULTS, inject, retie
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 
-from harness.behaviour.measure import C_MAX
 from harness.behaviour import models as behaviour_models
+from harness.behaviour.measure import C_MAX
 from harness.behaviour.models import adapter_model
 from harness.behaviour.twin import build_twin
 from harness.case import MergeCase
