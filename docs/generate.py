@@ -189,8 +189,8 @@ def options_table() -> str:
             default = "off" if attrs.get("action") == "store_true" else "—"
             meaning = str(attrs.get("help", ""))
             key = "—"
-        rows.append((code(usage), default, key, meaning))
-    return table(("option", "default", "config key", "meaning"), rows)
+        rows.append((code(usage), default, key, code(str(attrs.get("dest"))), meaning))
+    return table(("option", "default", "config key", "`getoption()` name", "meaning"), rows)
 
 
 @section("ini")
