@@ -91,7 +91,9 @@ def check_sidecars(ctx: Context) -> CheckResult:
         return CheckResult.skipped("no --merged-model")
     sources = [p for p in (options.base, options.adapter) if p is not None]
     if not sources:
-        return CheckResult.skipped("no --base-model or --adapter to compare sidecars with")
+        return CheckResult.skipped(
+            "no --base-model or --adapter to compare sidecars with", needs=["--base-model"]
+        )
     expected: dict[str, Path] = {}
     for name in SIDECAR_FILES:
         if (

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import CheckpointError, HarnessError
+from harness.errors import CheckpointError, HarnessError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,7 @@ def load_pretrained(
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise HarnessError(
-            f"{folder}: transformers cannot load it as {cls.__name__}: {_first(exc)}"
+            f"{folder}: transformers cannot load it as {cls.__name__}: {one_line(exc, whole=True)}"
         ) from None
     if stored is not None and dtype != stored:
         model.to(dtype)
@@ -206,12 +206,9 @@ def load_peft(
         with quiet():
             peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise HarnessError(f"{adapter}: peft cannot apply it to {base}: {_first(exc)}") from None
+        raise HarnessError(
+            f"{adapter}: peft cannot apply it to {base}: {one_line(exc, whole=True)}"
+        ) from None
     peft_model.to(resolve_device(device))
     peft_model.eval()
     return peft_model
-
-
-def _first(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
