@@ -116,6 +116,7 @@ def merge_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Merge ``adapter`` (or several, in sequence) into ``base`` and write the result to ``out``.
 
@@ -132,8 +133,8 @@ def merge_checkpoint(
     out_path = Path(out)
     _check_paths(base_path, adapter_paths, out_path, overwrite)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    checkpoint = Checkpoint.open(base_path)
-    adapters = [Adapter.open(p) for p in adapter_paths]
+    checkpoint = Checkpoint.open(base_path, allow_pickle=allow_pickle)
+    adapters = [Adapter.open(p, allow_pickle=allow_pickle) for p in adapter_paths]
     plan = plan_adapters(adapters, Target(checkpoint.tensors, checkpoint.config or {}))
     untie = _untie(plan)
     extra: dict[str, Entry] = {}

@@ -53,7 +53,7 @@ def pytest_load_initial_conftests(
 ) -> None:
     """Before anything is written: keep the rootdir and cache away from the model folders."""
     namespace = early_config.known_args_namespace
-    if wanted(early_config, namespace, list(namespace.file_or_dir)):
+    if wanted(early_config, namespace, list(getattr(namespace, "file_or_dir", None) or [])):
         from harness.plugin.rootdir import pin
 
         pin(early_config, args)
@@ -63,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Activate the harness when a merge was named; invalid options are a usage error (exit 4)."""
     for name, text in _MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    positional = list(config.option.file_or_dir or [])
+    positional = list(getattr(config.option, "file_or_dir", None) or [])
     if not wanted(config, config.option, positional):
         return
     from harness.plugin.session import HarnessSession

@@ -13,6 +13,7 @@ from typing import Any
 from pytest import ExitCode
 
 from harness.errors import HarnessError
+from harness.extras import install_hint
 from harness.gate import github
 from harness.gate.decide import Verdict, decide
 from harness.gate.lockfile import CHECK_ID, build_lock, read_lock, write_lock
@@ -64,7 +65,7 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         state.results,
         settings,
         verdict,
-        exit_status=_final_status(exitstatus, verdict, status),
+        exit_status=_final_status(exitstatus, verdict, status, state.other_tests),
         lock=lock_info,
         notes=list(state.notes),
         artifacts=artifacts,
@@ -94,17 +95,26 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         lines.extend(f"  {line}" for line in verdict.unverified)
     if verdict.missing and verdict.ran:
         lines.append(f"{len(verdict.missing)} check(s) deselected or not run")
-    lines.append(verdict.headline())
-    final = _final_status(exitstatus, verdict, status)
+    if not verdict.ran and state.other_tests:
+        lines.append(
+            f"gate: not applied: no merge check selected ({state.other_tests} other test(s) ran)"
+        )
+    else:
+        lines.append(verdict.headline())
+    final = _final_status(exitstatus, verdict, status, state.other_tests)
     return None if final == exitstatus else final
 
 
-def _final_status(exitstatus: int, verdict: Verdict, status: int | None) -> int:
-    """Pytest's status, unless the gate says otherwise: 5 when nothing ran, 1 when it failed."""
+def _final_status(exitstatus: int, verdict: Verdict, status: int | None, others: int) -> int:
+    """pytest's status, unless the gate says otherwise: 5 when nothing ran, 1 when it failed.
+
+    A session whose own tests ran while every merge check was deselected keeps pytest's
+    status: the gate was not applied, and the report and summary say so.
+    """
     if exitstatus not in (0, 5):
         return exitstatus
     if not verdict.ran:
-        return int(ExitCode.NO_TESTS_COLLECTED)
+        return exitstatus if others else int(ExitCode.NO_TESTS_COLLECTED)
     if status is not None or not verdict.passed:
         return 1
     return 0
@@ -207,7 +217,7 @@ def _write_plot(state: State, target: Path, *, explicit: bool, lines: list[str])
     except ImportError:
         if explicit:
             lines.append(
-                "plot: matplotlib is not installed (pip install 'pytest-merge-harness[plot]')"
+                f"plot: matplotlib is not installed ({install_hint('plot')})"
             )
         return None
     except OSError as exc:

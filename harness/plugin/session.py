@@ -84,6 +84,9 @@ class HarnessSession:
             if key == RESULT_PROPERTY:
                 check_id = "merge::" + report.nodeid.split("merge::", 1)[-1]
                 self.state.results[check_id] = CheckResult.from_json(json.loads(str(value)))
+                return
+        if report.when == "call" and not report.nodeid.startswith("merge::"):
+            self.state.other_tests += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The merge-harness section: each check, the digests and the size comparison."""
