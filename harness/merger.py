@@ -148,6 +148,9 @@ def merge_checkpoint(
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".merging", dir=out_path.parent)
     )
+    # mkdtemp makes a private 0700 folder; the published merge gets what save_pretrained's
+    # os.makedirs would give it: the user's umask.
+    tmp.chmod(0o777 & ~current_umask())
     largest = max((i.nbytes for i in checkpoint.tensors.values()), default=0)
     stream = StreamPass(largest, headroom=2.0, pool_share=0.5, workers=workers)
     pool = stream.pool
@@ -226,3 +229,16 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets while it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -106,7 +106,7 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
 
 
 def _final_status(exitstatus: int, verdict: Verdict, status: int | None, others: int) -> int:
-    """pytest's status, unless the gate says otherwise: 5 when nothing ran, 1 when it failed.
+    """Pytest's status, unless the gate says otherwise: 5 when nothing ran, 1 when it failed.
 
     A session whose own tests ran while every merge check was deselected keeps pytest's
     status: the gate was not applied, and the report and summary say so.

@@ -12,7 +12,7 @@ from harness.gate.report import summary_lines
 from harness.plugin.finish import apply_gate
 from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.plugin.state import State
-from harness.run.result import CheckResult, Outcome
+from harness.run.result import CheckResult, Family, Outcome
 
 _MARK = {
     Outcome.PASSED: "PASS",
@@ -93,6 +93,11 @@ class HarnessSession:
         if self.is_worker or not (self.state.results or self.state.gate_lines):
             return
         terminalreporter.section("merge-harness")
+        settings = self.state.settings
+        source = settings.config.source
+        terminalreporter.write_line(f"config: {source if source is not None else 'none found'}")
+        if any(check.family is Family.LOCK for check in self.state.suite) or settings.update_lock:
+            terminalreporter.write_line(f"lock: {settings.lock_path}")
         for line in self.state.notes:
             terminalreporter.write_line(line)
         for line in summary_lines(self.state.suite, self.state.results, _MARK):
