@@ -100,20 +100,29 @@ def _metrics(result: OracleResult) -> dict[str, Any]:
     }
 
 
-#: Share of untouched tensors differing from the base beyond which the base is the wrong one.
+#: Share of untouched elements, and of targeted tensors failing almost everywhere, beyond which
+#: the base is the wrong one.
 FOREIGN_SHARE = 0.5
 
 
 def foreign_base(found: OracleResult) -> str | None:
     """The run-level cause when most untouched tensors differ from the base (else None).
 
-    A merge changes only what the adapter targets; when the tensors it does not touch differ
-    from ``--base-model`` too (most of them, not one stray layer), the merged model came from
-    another base (another model, another revision) and every per-tensor diagnosis is moot.
+    A merge changes only what the adapter targets. When most of what it does not touch differs
+    from ``--base-model`` (by elements, not one stray layer) *and* most targeted tensors miss
+    their reference almost everywhere, the merged model came from another base (another model,
+    another revision) and every per-tensor diagnosis is moot. A fault that writes a delta into
+    an untouched tensor leaves the targeted ones correct, so it is not mistaken for this.
     """
     untouched = found.by_role(Role.UNTOUCHED)
     modified = [t for t in untouched if t.failed]
-    if len(modified) < 2 or len(modified) < FOREIGN_SHARE * len(untouched):
+    elements = sum(t.numel for t in untouched)
+    changed = sum(t.changed for t in untouched)
+    targeted = found.by_role(Role.TARGETED)
+    missed = [t for t in targeted if t.failed >= 0.9 * t.numel]
+    if not modified or changed < FOREIGN_SHARE * elements:
+        return None
+    if len(missed) < FOREIGN_SHARE * len(targeted):
         return None
     return (
         f"the merge was not made from this base: {len(modified)} of {len(untouched)} tensors"

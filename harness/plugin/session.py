@@ -96,8 +96,11 @@ class HarnessSession:
         settings = self.state.settings
         source = settings.config.source
         terminalreporter.write_line(f"config: {source if source is not None else 'none found'}")
-        if any(check.family is Family.LOCK for check in self.state.suite) or settings.update_lock:
-            terminalreporter.write_line(f"lock: {settings.lock_path}")
+        if settings.runs(Family.LOCK) or settings.update_lock:
+            exists = settings.lock_path is not None and settings.lock_path.exists()
+            terminalreporter.write_line(
+                f"lock: {settings.lock_path}" + ("" if exists else " (none yet)")
+            )
         for line in self.state.notes:
             terminalreporter.write_line(line)
         for line in summary_lines(self.state.suite, self.state.results, _MARK):
