@@ -385,6 +385,8 @@ def _gate_message(report: Mapping[str, Any], exit_code: int) -> str:
     lock = report.get("lock") or {}
     if lock.get("error"):
         reasons.append(f"lock file {lock.get('path')}: cannot write: {lock['error']}")
+    elif lock.get("reason"):
+        reasons.append(f"lock file {lock.get('path')} NOT updated: {lock['reason']}")
     return "\n".join(reasons) or f"pytest exited with status {exit_code}; see the log"
 
 

@@ -362,3 +362,32 @@ def test_a_tokenizer_shorter_than_the_vocabulary_is_named(tiny_llama, tmp_path):
     assert note is not None and "has 110 tokens but vocab_size is 128" in note
     exact = parse({"tokenizer": "builtin:chars"}, tmp_path / "gate.toml")
     assert resize_note(Context(Settings(merged=tiny_llama.merged, config=exact))) is None
+
+
+def test_an_update_job_that_records_nothing_is_red_in_actions(tiny_llama, tmp_path,
+                                                                monkeypatch, capfd):
+    """The label-driven update job with a -k that deselects checks: exit 1, an error annotation
+    that says why, lock-changed=false, and no lock written."""
+    from harness import action
+    from harness.gate import github
+
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    monkeypatch.chdir(workspace)
+    summary, output = tmp_path / "summary.md", tmp_path / "output"
+    summary.write_text("")
+    output.write_text("")
+    for name, value in (("GITHUB_ACTIONS", "true"), ("GITHUB_WORKSPACE", str(workspace)),
+                        ("GITHUB_STEP_SUMMARY", str(summary)), ("GITHUB_OUTPUT", str(output))):
+        monkeypatch.setenv(name, value)
+    code = action.main(["--merged-model", str(tiny_llama.merged), "--base-model",
+                        str(tiny_llama.base), "--adapter", str(tiny_llama.adapter),
+                        "--update-lock", "--report-dir", "reports", "--",
+                        "--merge-checks=structure,hash,lock", "-k", "hash or lock"])
+    stdout = capfd.readouterr().out
+    assert code == 1
+    outputs = github.parse_outputs(output.read_text())
+    assert outputs["outcome"] == "failed" and outputs["lock-changed"] == "false"
+    assert any(line.startswith("::error") and "NOT updated" in line
+               for line in stdout.splitlines()), stdout[-2000:]
+    assert not (workspace / "merge-harness.lock").exists()
