@@ -65,6 +65,9 @@ GATE_TITLE = "merge-harness gate"
 #: annotations and the summary appear once even if the plugin also knows how to emit them.
 _GITHUB_ONLY = ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT")
 
+#: The host project's pytest settings from the environment, which the gate does not inherit.
+_HOST_PYTEST = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
@@ -202,15 +205,19 @@ def validate(request: GateRequest, cwd: Path | None = None) -> None:
 def pytest_command(request: GateRequest, python: str | None = None) -> list[str]:
     """The pytest command line of a gate run.
 
-    pytest collects only the (test-free) report folder, so a repository's own tests are not
-    run; ``--rootdir`` stays the working directory, so the gate configuration is found where a
-    plain ``pytest`` run would find it. The cache plugin is off: nothing is written outside the
-    report folder except the lock file, and that only on request.
+    The run is isolated from the host repository's pytest setup: no ini file (``-c`` an empty
+    device, so its ``addopts``, plugins and markers do not apply), no ``conftest.py``, and
+    pytest collects only the (test-free) report folder, so the repository's own tests are not
+    run. ``--rootdir`` is the working directory, where the gate configuration
+    (``[tool.merge-harness]`` in pyproject.toml, or merge-harness.toml) is read. The cache
+    plugin is off: nothing is written outside the report folder except the lock file, and that
+    only on request.
     """
     paths = request.report_paths()
     command = [
         python or sys.executable, "-m", "pytest", str(request.report_dir.absolute()),
-        f"--rootdir={Path.cwd()}", "-p", "no:cacheprovider",
+        f"--config-file={os.devnull}", f"--rootdir={Path.cwd()}", "--noconftest",
+        "-p", "no:cacheprovider",
     ]
     for flag, value in (
         ("--merged-model", request.merged_model),
@@ -232,7 +239,8 @@ def pytest_command(request: GateRequest, python: str | None = None) -> list[str]
 
 
 def _child_env(env: Mapping[str, str]) -> dict[str, str]:
-    child = {k: v for k, v in env.items() if k not in _GITHUB_ONLY}
+    # The host's PYTEST_ADDOPTS / PYTEST_PLUGINS belong to its own test suite, not to the gate.
+    child = {k: v for k, v in env.items() if k not in (*_GITHUB_ONLY, *_HOST_PYTEST)}
     # The harness never downloads; say so to transformers/huggingface_hub in the child too.
     child.setdefault("HF_HUB_OFFLINE", "1")
     return child
@@ -377,6 +385,8 @@ def _gate_message(report: Mapping[str, Any], exit_code: int) -> str:
     lock = report.get("lock") or {}
     if lock.get("error"):
         reasons.append(f"lock file {lock.get('path')}: cannot write: {lock['error']}")
+    elif lock.get("reason"):
+        reasons.append(f"lock file {lock.get('path')} NOT updated: {lock['reason']}")
     return "\n".join(reasons) or f"pytest exited with status {exit_code}; see the log"
 
 

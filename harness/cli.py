@@ -5,26 +5,44 @@
     merge-harness gate ...            (the CI gate, see :mod:`harness.action`)
 
 A subcommand is a :class:`Command` (arguments + a ``run`` returning the exit status) added with
-:func:`register`; :func:`lazy` registers one whose module is imported only when it is used. Bad
-input is one line on stderr and exit status 2, never a traceback.
+:func:`register`; :func:`lazy` registers one whose module is imported only when it is used.
+
+Exit statuses, the same rule as pytest's: 0 success; 1 the gate failed (``gate`` passes
+pytest's own status through, 5 when no check ran); 4 a usage error: bad arguments, or an input
+that cannot be used (one line on stderr, never a traceback); 130 interrupted; 141 the reader of
+the output went away (``merge-harness hash --json | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
+from harness.gate.report import harness_version
 from harness.io.checkpoint import Checkpoint
 from harness.merger import merge_checkpoint
 from harness.stream.hashing import dumps_manifest, hash_checkpoint
 
-#: Exit status for bad input (a one-line cause on stderr).
-USAGE_ERROR = 2
+#: Exit status for bad arguments or unusable input (pytest's usage error).
+USAGE_ERROR = 4
+#: Exit status when stdout's reader closed the pipe (128 + SIGPIPE, as a shell reports it).
+BROKEN_PIPE = 141
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with pytest's usage-error status (4) instead of argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the cause, exit with :data:`USAGE_ERROR`."""
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
 @dataclass(frozen=True)
@@ -97,10 +115,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read pickle base/adapter weights (torch.load with weights_only=True)",
+    )
 
 
 def _merge_run(args: argparse.Namespace) -> int:
-
     size: int | str | None = args.max_shard_size
     if isinstance(size, str) and size.isdigit():
         size = int(size)
@@ -111,6 +132,7 @@ def _merge_run(args: argparse.Namespace) -> int:
         max_shard_size=size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
     )
     print(out)
     return 0
@@ -126,11 +148,16 @@ register(lazy("gate", "run the merge checks as a CI gate (reports, annotations)"
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per registered command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="merge-harness",
         description="Prove a merged LoRA/PEFT checkpoint is the merge it claims to be.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--version", action="version", version=f"merge-harness {harness_version()}"
+    )
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=Parser
+    )
     for command in COMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
@@ -139,18 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; a :class:`HarnessError` is one line on stderr and exit status 2."""
+    """Run one subcommand; a :class:`HarnessError` is one line on stderr and exit status 4."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command: Command = args.handler
     try:
-        return command.run(args)
+        status = command.run(args)
+        sys.stdout.flush()
+        return status
     except HarnessError as exc:
-        print(f"merge-harness {command.name}: {exc}", file=sys.stderr)
+        print(f"merge-harness {command.name}: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"merge-harness {command.name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: stop writing (no traceback, no second error at exit).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -116,6 +116,7 @@ def merge_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Merge ``adapter`` (or several, in sequence) into ``base`` and write the result to ``out``.
 
@@ -132,8 +133,8 @@ def merge_checkpoint(
     out_path = Path(out)
     _check_paths(base_path, adapter_paths, out_path, overwrite)
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    checkpoint = Checkpoint.open(base_path)
-    adapters = [Adapter.open(p) for p in adapter_paths]
+    checkpoint = Checkpoint.open(base_path, allow_pickle=allow_pickle)
+    adapters = [Adapter.open(p, allow_pickle=allow_pickle) for p in adapter_paths]
     plan = plan_adapters(adapters, Target(checkpoint.tensors, checkpoint.config or {}))
     untie = _untie(plan)
     extra: dict[str, Entry] = {}
@@ -147,6 +148,9 @@ def merge_checkpoint(
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".merging", dir=out_path.parent)
     )
+    # mkdtemp makes a private 0700 folder; the published merge gets what save_pretrained's
+    # os.makedirs would give it: the user's umask.
+    tmp.chmod(0o777 & ~current_umask())
     largest = max((i.nbytes for i in checkpoint.tensors.values()), default=0)
     stream = StreamPass(largest, headroom=2.0, pool_share=0.5, workers=workers)
     pool = stream.pool
@@ -225,3 +229,16 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets while it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

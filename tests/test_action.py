@@ -140,7 +140,7 @@ def test_a_correct_merge_passes_records_the_lock_and_says_so(approved: Approved)
     # The step summary is the plugin's markdown summary, appended as it is.
     summary = approved.summary_file.read_text()
     assert summary == (approved.reports / "merge-summary.md").read_text()
-    assert summary.startswith("## ✅ merge-harness: gate passed")
+    assert summary.startswith("## ✅ merge-harness: partial gate passed")
     assert "| | Check | Result |\n|---|---|---|\n" in summary
     assert "| ✅ | `merge::hash::differs_from_base` |" in summary
     assert "| ✅ | `merge::lock::digests` |" in summary
@@ -166,7 +166,7 @@ def test_a_merge_that_never_applied_the_adapter_fails_with_an_annotation(
     assert outputs["outcome"] == "failed"
     assert outputs["exit-code"] == "1"
     summary = actions_env["summary"].read_text()
-    assert summary.startswith("## ❌ merge-harness: gate failed")
+    assert summary.startswith("## ❌ merge-harness: partial gate failed")
     assert "### Why the gate failed" in summary
     row = next(line for line in summary.splitlines() if "`merge::hash::differs_from_base`" in line)
     assert row.startswith("| ❌ |") and "identical to the base" in row

@@ -469,9 +469,9 @@ CASES = [
          "{root}/merged.safetensors: expected a checkpoint folder, found a file",
          "structure::loads"),
     Case("merged-is-adapter", "merged", "the adapter folder passed as the merged model",
-         lambda g: merged_and_base(g.adapter, g), 1,
-         "{root}/adapter: expected model.safetensors or an index, found adapter_model.safetensors",
-         "structure::loads"),
+         lambda g: merged_and_base(g.adapter, g), 4,
+         "--merged-model {root}/adapter: this is a PEFT adapter folder (adapter_config.json, no"
+         " model weights); did you mean --adapter?*"),
     Case("merged-empty", "merged", "an empty folder", make_merged(_empty), 1,
          "{root}/empty: no model.safetensors, index or shards in this folder", "structure::loads"),
     Case("merged-truncated", "merged", "a truncated safetensors file (tail cut)",

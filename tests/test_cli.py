@@ -29,9 +29,9 @@ def test_hash_json_is_the_manifest(workshop, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("argv", [["hash", "missing"], ["merge", "missing", "adapter", "out"]])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, monkeypatch):
+def test_bad_input_is_one_line_and_exit_4(tmp_path, capsys, argv, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == 4
     err = capsys.readouterr().err
     assert err.startswith(f"merge-harness {argv[0]}: ")
     assert err.count("\n") == 1
@@ -46,7 +46,7 @@ def test_merge_writes_the_merge(workshop, tmp_path, capsys):  # noqa: F811
     assert capsys.readouterr().out.strip() == str(out)
     expected = read_tensors(workshop.peft(base, adapter))
     assert all(t.equal(expected[n]) for n, t in read_tensors(out).items())
-    assert cli.main(["merge", str(base), str(adapter), str(out), "--no-progress"]) == 2
+    assert cli.main(["merge", str(base), str(adapter), str(out), "--no-progress"]) == 4
     assert "already exists (pass --overwrite to replace it)" in capsys.readouterr().err
     assert cli.main(["merge", str(base), str(adapter), str(out), "--no-progress",
                      "--overwrite", "--max-shard-size", "20000"]) == 0

@@ -137,10 +137,15 @@ def test_command_line_equal_to_the_default_beats_the_file(pytester, tiny_llama, 
     if isinstance(expected, frozenset):
         expected = sorted(v.value for v in expected)
     assert printed[0] == f"SETTING={__import__('json').dumps(expected)}"
-    # Without the flag, the file's value applies.
+    # Without the flag, the file's value applies (device = 'cuda' on a machine without CUDA
+    # is then a usage error that names it).
     plain = pytester.runpytest("--collect-only", "-q", "--merged-model", str(tiny_llama.merged))
     from_file = [ln for ln in plain.outlines if ln.startswith("SETTING=")]
-    assert from_file and from_file[0] != printed[0]
+    if from_file:
+        assert from_file[0] != printed[0]
+    else:
+        assert plain.ret == pytest.ExitCode.USAGE_ERROR and knob.name == "device"
+        assert "--merge-device cuda: CUDA is not available" in plain.stderr.str()
 
 
 def test_issue_example_command_line_wins_over_every_file_key(tmp_path):

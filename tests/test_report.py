@@ -96,7 +96,7 @@ def test_markdown_summary_is_rendered_from_the_report(demo):
     report = json.loads((out / "report.json").read_text())
     summary = (out / "summary.md").read_text()
     assert summary == render_markdown(report)
-    assert summary.startswith("## ✅ merge-harness: gate passed")
+    assert summary.startswith("## ✅ merge-harness: partial gate passed")
     assert "| ✅ | `merge::benchmark::tiny_choice.acc` |" in summary
     assert "### Benchmarks" in summary and "| Library | Version |" in summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,11 +38,20 @@ def test_correct_merge_passes(pytester, request, fixture):
 
 
 def test_merged_alone_skips_base_comparisons(pytester, tiny_llama):
-    result = run(pytester, tiny_llama.merged, None)
+    # A partial gate of structure and hash: the merged-alone checks verify something, but the
+    # hash family, chosen explicitly, can verify nothing without the base: the gate says so.
+    result = run(pytester, tiny_llama.merged, None, f"--merge-report={pytester.path / 'report.json'}")
     assert_clean(result)
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 5 and outcomes["skipped"] == 7
-    assert result.ret == 0
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["partial gate: 7 check(s) not verified:", "partial gate: FAILED*"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["verdict"]["reasons"] == ["hash: verified nothing (every check skipped)"]
+    # Structure alone is a partial gate that passes, listing what it could not verify.
+    alone = pytester.runpytest("--merge-checks=structure", "--merged-model", str(tiny_llama.merged))
+    assert alone.ret == 0
+    alone.stdout.fnmatch_lines(["partial gate: 6 check(s) not verified:", "partial gate: PASSED"])
 
 
 def _fault(pytester: pytest.Pytester, tiny, tmp_path: Path, damage) -> pytest.RunResult:
@@ -161,5 +171,5 @@ def test_stale_shard_fails(pytester, tiny_llama_sharded, tmp_path):
     result = run(pytester, merged, tiny_llama_sharded.base)
     assert result.ret == 1
     result.stdout.fnmatch_lines(
-        ["*index_valid*model-00009-of-00009.safetensors present but not in the index*"]
+        ["FAIL *loads*model-00009-of-00009.safetensors present but not in the index*"]
     )

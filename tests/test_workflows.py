@@ -59,7 +59,7 @@ def steps(document: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_there_are_workflows_to_check() -> None:
-    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "merge-gate.yml"}
+    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "merge-gate.yml", "merge-lock-update.yml"}
     assert ACTION.is_file()
 
 
@@ -84,8 +84,10 @@ def test_zizmor_finds_nothing() -> None:
 def test_zizmor_would_catch_template_injection(tmp_path: Path) -> None:
     # The audit this suite relies on really fires: an input interpolated into a script.
     bad = tmp_path / "action.yml"
-    text = ACTION.read_text().replace("run: merge-harness gate",
-                                      'run: merge-harness gate "${{ inputs.adapter }}"')
+    text = ACTION.read_text().replace(
+        """run: '"$RUNNER_TEMP/merge-harness-venv/bin/merge-harness" gate'""",
+        'run: merge-harness gate "${{ inputs.adapter }}"',
+    )
     assert text != ACTION.read_text()
     bad.write_text(text)
     result = run(tool("zizmor"), "--offline", "--no-progress", bad)
@@ -133,7 +135,9 @@ def test_least_privilege(path: Path) -> None:
         assert isinstance(permissions, dict), f"job {name} states its permissions"
         writes = {scope for scope, level in permissions.items() if level == "write"}
         if writes:
-            assert (path.name, name, writes) == ("merge-gate.yml", "update-lock", {"contents"})
+            assert (path.name, name, writes) == (
+                "merge-lock-update.yml", "update-lock", {"contents"}
+            )
     for job, step in steps(workflow):
         if step.get("uses", "").startswith("actions/checkout@"):
             assert step["with"]["persist-credentials"] is False, job
@@ -148,11 +152,49 @@ def test_ci_tests_every_supported_python_and_self_tests_the_action() -> None:
 
 def test_merge_gate_example_has_the_three_tiers() -> None:
     gate = load(ROOT / ".github" / "workflows" / "merge-gate.yml")
+    update = load(ROOT / ".github" / "workflows" / "merge-lock-update.yml")
     assert {"pull_request", "workflow_dispatch", "schedule"} <= set(gate["on"])
     assert "merge-harness.lock" in gate["on"]["pull_request"]["paths"]
-    assert "'update-merge-lock'" in gate["jobs"]["update-lock"]["if"]
-    updating = [s for _, s in steps(gate) if s.get("with", {}).get("update-lock") == "true"]
+    assert {"gate", "benchmarks"} == set(gate["jobs"])
+    assert "'update-merge-lock'" in update["jobs"]["update-lock"]["if"]
+    updating = [s for _, s in steps(update) if s.get("with", {}).get("update-lock") == "true"]
     assert len(updating) == 1
+    assert not [s for _, s in steps(gate) if s.get("with", {}).get("update-lock") == "true"]
+
+
+def evaluate(condition: str, event: str) -> bool:
+    """A job's ``if`` for a run started by ``event`` (the expressions these workflows use)."""
+    tokens = re.findall(r"github\.event_name|'[^']*'|==|!=|&&|\|\||\(|\)|\S+", condition)
+    python = []
+    for token in tokens:
+        if token == "github.event_name":
+            python.append(repr(event))
+        elif token in ("==", "!=", "(", ")") or token.startswith("'"):
+            python.append(token)
+        elif token in ("&&", "||"):
+            python.append({"&&": "and", "||": "or"}[token])
+        else:
+            raise AssertionError(f"the gate job's if uses {token!r}: keep it to event names")
+    return bool(eval(" ".join(python), {"__builtins__": {}}))  # noqa: S307 - our own YAML
+
+
+def test_a_label_cannot_cancel_or_skip_the_required_gate() -> None:
+    """Adding any label starts no gate run, so it can neither cancel one nor skip the job."""
+    gate = load(ROOT / ".github" / "workflows" / "merge-gate.yml")
+    update = load(ROOT / ".github" / "workflows" / "merge-lock-update.yml")
+    types = gate["on"]["pull_request"]["types"]
+    assert "labeled" not in types and "unlabeled" not in types
+    # Every pull request event that starts the gate workflow runs the required job.
+    job = gate["jobs"]["gate"]
+    assert job["name"] == "merge gate"
+    for _ in types:
+        assert evaluate(job.get("if", "true"), "pull_request")
+    # The label-driven workflow is in another concurrency group, and never cancels itself.
+    gate_group = gate["concurrency"]["group"].split("${{")[0]
+    update_group = update["concurrency"]["group"].split("${{")[0]
+    assert gate_group != update_group and not update_group.startswith(gate_group)
+    assert update["concurrency"]["cancel-in-progress"] is False
+    assert update["on"]["pull_request"]["types"] == ["labeled"]
 
 
 def test_action_inputs_reach_the_gate_through_its_environment_variables() -> None:
@@ -161,7 +203,8 @@ def test_action_inputs_reach_the_gate_through_its_environment_variables() -> Non
     text = ACTION.read_text()
     assert set(re.findall(r"inputs\.([\w-]+)", text)) <= declared
     gate_step = next(s for _, s in steps(document) if s.get("id") == "gate")
-    assert gate_step["run"] == "merge-harness gate"
+    assert gate_step["run"] == '"$RUNNER_TEMP/merge-harness-venv/bin/merge-harness" gate'
+    assert gate_step["env"]["MERGE_HARNESS_ACTION"] == "1"
     env = gate_step["env"]
     assert set(action.ENV_VARS.values()) <= set(env)
     expected = {

@@ -24,6 +24,7 @@ from harness.behaviour.twin import build_twin
 from harness.dtypes import ITEMSIZE, MANTISSA_BITS, to_torch
 from harness.errors import HarnessError
 from harness.evals.tokenizer import TOKENIZER_FILES
+from harness.extras import install_hint
 from harness.io.models import load_peft, load_pretrained, quiet, read_config, task_of
 from harness.memory import shortfall
 from harness.run.context import Context, Key
@@ -107,7 +108,7 @@ def missing_libraries() -> str | None:
     """Why forward passes cannot run here, or None when transformers and peft are installed."""
     absent = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
     if absent:
-        return f"{' and '.join(absent)} not installed (pip install 'pytest-merge-harness[models]')"
+        return f"{' and '.join(absent)} not installed ({install_hint('models')})"
     return None
 
 

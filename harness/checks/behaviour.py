@@ -52,20 +52,25 @@ if TYPE_CHECKING:
 # ---- the checks ------------------------------------------------------------------------------
 
 
-def _skip_reason(ctx: Context, *, pair: bool) -> str | None:
+def _unavailable(ctx: Context, *, pair: bool, memory: bool = True) -> CheckResult | None:
+    """The skip of a behaviour check that cannot run here, naming what it needs; else None."""
     reason = missing_libraries()
     if reason:
-        return reason
+        return CheckResult.skipped(reason, needs=["transformers", "peft"])
     if pair and (not ctx.has_base or not ctx.has_adapter):
-        missing = " and ".join(
+        missing = [
             flag
             for flag, present in (("--base-model", ctx.has_base), ("--adapter", ctx.has_adapter))
             if not present
+        ]
+        return CheckResult.skipped(
+            f"needs {' and '.join(missing)} to build the unmerged adapter model (merged alone:"
+            " behaviour::loads checks it loads and gives finite outputs)",
+            needs=missing,
         )
-        return (
-            f"needs {missing} to build the unmerged adapter model (merged alone:"
-            " behaviour::loads checks it loads and gives finite outputs)"
-        )
+    reason = memory_shortfall(ctx, pair=pair) if memory else None
+    if reason:
+        return CheckResult.skipped(reason, needs=["memory"])
     return None
 
 
@@ -73,9 +78,9 @@ def check_loads(ctx: Context) -> CheckResult:
     """The merged folder loads with the task's auto class, fully, and gives finite outputs."""
     import torch
 
-    reason = _skip_reason(ctx, pair=False) or memory_shortfall(ctx, pair=False)
-    if reason:
-        return CheckResult.skipped(reason)
+    unavailable = _unavailable(ctx, pair=False)
+    if unavailable is not None:
+        return unavailable
     s = setup(ctx)
     model, info = merged_loaded(ctx)
     name = type(model).__name__
@@ -135,9 +140,9 @@ def _outputs_in(model: Any, dtype: str, probe: ProbeInput, s: Setup) -> torch.Te
 
 def check_equivalence(ctx: Context) -> CheckResult:
     """On hypothesis probes, M deviates from R no more than A's rounding noise allows."""
-    reason = _skip_reason(ctx, pair=True) or memory_shortfall(ctx, pair=True)
-    if reason:
-        return CheckResult.skipped(reason)
+    unavailable = _unavailable(ctx, pair=True)
+    if unavailable is not None:
+        return unavailable
     comparer = Comparer(ctx)
     strategy = probes_for(comparer.setup.space)
     found = search(comparer.measure, strategy, ctx.settings.examples)
@@ -224,16 +229,16 @@ def check_generation(ctx: Context) -> CheckResult:
     """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
     import torch
 
-    reason = _skip_reason(ctx, pair=True)
-    if reason:
-        return CheckResult.skipped(reason)
+    unavailable = _unavailable(ctx, pair=True, memory=False)
+    if unavailable is not None:
+        return unavailable
     s = setup(ctx)
     if s.task != "CAUSAL_LM":
         release_models(ctx)
         return CheckResult.skipped(f"greedy decoding applies to causal LMs, not {s.task}")
-    reason = memory_shortfall(ctx, pair=True)
-    if reason:
-        return CheckResult.skipped(reason)
+    unavailable = _unavailable(ctx, pair=True)
+    if unavailable is not None:
+        return unavailable
     comparer = Comparer(ctx)
     tol = comparer.tolerance
     lines: list[str] = []

@@ -24,10 +24,10 @@ from harness.evals.lm_eval import (
     task_fingerprint,
 )
 from harness.evals.stats import Summary
-from harness.evals.tokenizer import resolve
+from harness.evals.tokenizer import resize_note, resolve
 from harness.run.check import Check
 from harness.run.context import Context
-from harness.run.result import BenchmarkRecord, CheckResult, Family
+from harness.run.result import BenchmarkRecord, CheckResult, Family, Outcome
 from harness.run.settings import Settings
 
 PERPLEXITY = "perplexity"
@@ -90,6 +90,14 @@ def run_metric(task: str, metric: str, ctx: Context) -> CheckResult:
         },
     }
     details = [f"{d.name}: {d.outcome.value}: {d.text}" for d in decisions]
+    resized = resize_note(ctx) if "adapter" in bench.models else None
+    if resized is not None:
+        # The verdict stands, but a pass against a resized adapter model is worth a warning.
+        details.append(f"note: {resized}")
+        metrics["tokenizer_resize"] = resized
+        if outcome is Outcome.PASSED:
+            outcome = Outcome.WARNING
+            message += f"; warning: {resized}"
     result = CheckResult(outcome, _reused(message, recorded is not None), details, metrics)
     result.record = BenchmarkRecord(
         fingerprint, evidence, values.get("merged"), dict(values), recorded is not None

@@ -18,7 +18,9 @@ def check_differs_from_base(ctx: Context) -> CheckResult:
     """The merged digest differs from the base digest, with the tensors that changed."""
     merged = merged_scan(ctx).manifest
     if not ctx.has_base:
-        skipped = CheckResult.skipped(f"no --base-model given (merged digest {merged.digest[:16]})")
+        skipped = CheckResult.skipped(
+            f"no --base-model given (merged digest {merged.digest[:16]})", needs=["--base-model"]
+        )
         skipped.digests = {"merged": merged.digest}
         return skipped
     base = base_scan(ctx).manifest

@@ -23,7 +23,16 @@ SIDECAR_FILES = SIDE_FILES
 ADAPTER_MAY_SHIP = frozenset(SIDECAR_FILES) - {"generation_config.json"}
 #: JSON keys that record who wrote the file, not what it means.
 IGNORED_KEYS = frozenset(
-    {"transformers_version", "_from_model_config", "name_or_path", "_commit_hash"}
+    {
+        "transformers_version",
+        "_from_model_config",
+        "name_or_path",
+        "_commit_hash",
+        # loader bookkeeping that save_pretrained writes back when the tokenizer was loaded
+        # from a local folder (load from the base, save with the merge)
+        "is_local",
+        "local_files_only",
+    }
 )
 
 
@@ -91,7 +100,9 @@ def check_sidecars(ctx: Context) -> CheckResult:
         return CheckResult.skipped("no --merged-model")
     sources = [p for p in (options.base, options.adapter) if p is not None]
     if not sources:
-        return CheckResult.skipped("no --base-model or --adapter to compare sidecars with")
+        return CheckResult.skipped(
+            "no --base-model or --adapter to compare sidecars with", needs=["--base-model"]
+        )
     expected: dict[str, Path] = {}
     for name in SIDECAR_FILES:
         if (

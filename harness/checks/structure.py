@@ -101,7 +101,7 @@ def check_finite(ctx: Context) -> CheckResult:
 
 def _pair(ctx: Context) -> tuple[Checkpoint, Checkpoint] | CheckResult:
     if not ctx.has_base:
-        return CheckResult.skipped("no --base-model given")
+        return CheckResult.skipped("no --base-model given", needs=["--base-model"])
     return ctx.merged(), ctx.base()
 
 
@@ -229,7 +229,7 @@ def check_size_invariant(ctx: Context) -> CheckResult:
 
 def _config_pair(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | CheckResult:
     if not ctx.has_base:
-        return CheckResult.skipped("no --base-model given")
+        return CheckResult.skipped("no --base-model given", needs=["--base-model"])
     merged, base = ctx.merged(), ctx.base()
     if base.config is None:
         return CheckResult.skipped("the base folder has no config.json")
@@ -307,5 +307,9 @@ def checks(settings: Settings) -> list[Check]:
         ("config_allowlist", check_config, "config.json differs only in allowed keys"),
         ("tied_embeddings", check_tied_embeddings, "tying in config agrees with the weights"),
     ]
-    return [Check(Family.STRUCTURE, name, doc, run) for name, run, doc in spec]
+    reports = {"loads": frozenset({"merged"}), "same_tensor_names": frozenset({"base"})}
+    return [
+        Check(Family.STRUCTURE, name, doc, run, reports.get(name, frozenset()))
+        for name, run, doc in spec
+    ]
 

@@ -27,9 +27,13 @@ TABLE_ROWS = 8
 
 def _inputs(ctx: Context) -> OracleResult | CheckResult:
     if not ctx.has_adapter:
-        return CheckResult.skipped("no --adapter given: nothing to compare the weights with")
+        return CheckResult.skipped(
+            "no --adapter given: nothing to compare the weights with", needs=["--adapter"]
+        )
     if not ctx.has_base:
-        return CheckResult.skipped("no --base-model given: the weight oracle needs the base")
+        return CheckResult.skipped(
+            "no --base-model given: the weight oracle needs the base", needs=["--base-model"]
+        )
     return oracle(ctx)
 
 
@@ -96,6 +100,37 @@ def _metrics(result: OracleResult) -> dict[str, Any]:
     }
 
 
+#: Share of untouched elements, and of targeted tensors failing almost everywhere, beyond which
+#: the base is the wrong one.
+FOREIGN_SHARE = 0.5
+
+
+def foreign_base(found: OracleResult) -> str | None:
+    """The run-level cause when most untouched tensors differ from the base (else None).
+
+    A merge changes only what the adapter targets. When most of what it does not touch differs
+    from ``--base-model`` (by elements, not one stray layer) *and* most targeted tensors miss
+    their reference almost everywhere, the merged model came from another base (another model,
+    another revision) and every per-tensor diagnosis is moot. A fault that writes a delta into
+    an untouched tensor leaves the targeted ones correct, so it is not mistaken for this.
+    """
+    untouched = found.by_role(Role.UNTOUCHED)
+    modified = [t for t in untouched if t.failed]
+    elements = sum(t.numel for t in untouched)
+    changed = sum(t.changed for t in untouched)
+    targeted = found.by_role(Role.TARGETED)
+    missed = [t for t in targeted if t.failed >= 0.9 * t.numel]
+    if not modified or changed < FOREIGN_SHARE * elements:
+        return None
+    if len(missed) < FOREIGN_SHARE * len(targeted):
+        return None
+    return (
+        f"the merge was not made from this base: {len(modified)} of {len(untouched)} tensors"
+        " the adapter does not touch differ from it (wrong --base-model, or another revision"
+        " of it?)"
+    )
+
+
 def check_supported(ctx: Context) -> CheckResult:
     """The adapter type and config are verifiable; every target maps to a base tensor."""
     found = _inputs(ctx)
@@ -129,7 +164,11 @@ def check_targeted(ctx: Context) -> CheckResult:
         first = failing[0]
         more = f" (and {len(failing) - 1} more tensor(s))" if len(failing) > 1 else ""
         details = [bound_line] + [_failure_line(t) for t in failing[1:6]] + _table(targeted)
-        failed = CheckResult.failed(_failure_line(first) + more, details, **_metrics(found))
+        foreign = foreign_base(found)
+        headline = f"{foreign}; first: " if foreign is not None else ""
+        failed = CheckResult.failed(
+            headline + _failure_line(first) + more, details, **_metrics(found)
+        )
         failed.layers = found.layers()
         return failed
     use = max(t.bound_use for t in targeted)
@@ -192,6 +231,13 @@ def check_untouched(ctx: Context) -> CheckResult:
         return found
     untouched = found.by_role(Role.UNTOUCHED)
     modified = [t for t in untouched if t.failed]
+    foreign = foreign_base(found)
+    if foreign is not None:
+        return CheckResult.failed(
+            foreign,
+            [f"{t.name}: {t.changed} of {t.numel} elements differ" for t in modified[:8]],
+            modified=[t.name for t in modified],
+        )
     if modified:
         first = modified[0]
         more = f" (and {len(modified) - 1} more tensor(s))" if len(modified) > 1 else ""
@@ -247,4 +293,8 @@ def checks(settings: Settings) -> list[Check]:
         ("untouched_identical", check_untouched, "untouched tensors bit-identical to the base"),
         ("modules_to_save", check_copies, "modules_to_save copies and token rows written"),
     ]
-    return [Check(Family.WEIGHTS, name, doc, run) for name, run, doc in spec]
+    return [
+        Check(Family.WEIGHTS, name, doc, run,
+              frozenset({"adapter"}) if name == "adapter_supported" else frozenset())
+        for name, run, doc in spec
+    ]

@@ -38,6 +38,7 @@ from harness.evals.stats import (
     summarize,
 )
 from harness.evals.tokenizer import resolve, scratch_dir
+from harness.extras import install_hint
 from harness.offline import enforce_offline
 from harness.run.config import BenchmarkConfig, Threshold
 from harness.run.context import Context, Key
@@ -270,7 +271,7 @@ def _evaluate(ctx: Context, model: str) -> dict[str, dict[str, MetricRun]]:
             from lm_eval.tasks._yaml_loader import load_yaml
         except ImportError:
             raise HarnessError(
-                "the benchmark gate needs lm-eval: pip install 'pytest-merge-harness[eval]'"
+                f"the benchmark gate needs lm-eval: {install_hint('eval')}"
             ) from None
         manager = TaskManager(
             include_defaults=False, include_path=[str(p) for p in bench.include_path]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 SCRATCH: Key[Path] = Key("eval:scratch")
 TOKENIZER: Key[tuple[Path, str]] = Key("eval:tokenizer")
+RESIZE: Key[str | None] = Key("eval:resize")
 
 #: Files whose presence marks a folder as holding a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -122,7 +123,6 @@ def resolve(ctx: Context) -> tuple[Path, str]:
     """
 
     def compute() -> tuple[Path, str]:
-
         options = ctx.settings
         chosen = options.config.tokenizer
         if chosen == BUILTIN_TOKENIZER:
@@ -145,3 +145,34 @@ def resolve(ctx: Context) -> tuple[Path, str]:
         )
 
     return ctx.memo(TOKENIZER, compute)
+
+
+def resize_note(ctx: Context) -> str | None:
+    """Why the adapter model lm-eval evaluates differs from the one the harness compares, if so.
+
+    lm-eval resizes a model's embeddings to the tokenizer's length before it applies a PEFT
+    adapter whenever the two differ (its HF backend, "resizing model for LoRAs with added
+    tokens"). A tokenizer shorter or longer than ``vocab_size`` (common: the padded vocabularies
+    of Qwen and Llama) thus changes the unmerged adapter model's logits, and the comparison of
+    the merged model with it is no longer like for like.
+    """
+
+    def compute() -> str | None:
+        from transformers import AutoTokenizer
+
+        merged = ctx.settings.merged
+        if merged is None:
+            return None
+        folder, _ = resolve(ctx)
+        vocab, _ = model_limits(merged)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        length = len(tokenizer)
+        if not vocab or length == vocab:
+            return None
+        return (
+            f"the tokenizer has {length} tokens but vocab_size is {vocab}: lm-eval resizes the"
+            f" adapter model's embeddings to {length} before applying the adapter, so its"
+            " results are not those of the model the merge was made from"
+        )
+
+    return ctx.memo(RESIZE, compute)

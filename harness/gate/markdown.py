@@ -51,13 +51,16 @@ def _benchmark_rows(checks: Sequence[Mapping[str, Any]]) -> list[str]:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """A GitHub-flavoured markdown summary of a JSON report (for ``$GITHUB_STEP_SUMMARY``)."""
     verdict = report.get("verdict", {})
-    passed = verdict.get("outcome") == "passed"
+    outcome = verdict.get("outcome")
     checks: list[Mapping[str, Any]] = list(report.get("checks", []))
     counts = verdict.get("counts", {})
     out: list[str] = []
-    out.append(
-        f"## {'✅' if passed else '❌'} merge-harness: gate {'passed' if passed else 'failed'}"
-    )
+    kind = "partial gate" if verdict.get("partial") else "gate"
+    headline = {
+        "passed": f"✅ merge-harness: {kind} passed",
+        "not_run": "⛔ merge-harness: no checks ran (nothing was verified)",
+    }.get(str(outcome), f"❌ merge-harness: {kind} failed")
+    out.append(f"## {headline}")
     out.append("")
     tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     inputs = report.get("inputs", {})
@@ -74,6 +77,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append("### Why the gate failed")
         out.append("")
         out.extend(f"- {_cell(r)}" for r in reasons)
+        out.append("")
+    unverified = verdict.get("unverified", [])
+    if unverified and verdict.get("partial"):
+        out.append(
+            f"Partial gate ({', '.join(verdict.get('required', []))}): not verified:"
+        )
+        out.append("")
+        out.extend(f"- {_cell(u)}" for u in unverified)
         out.append("")
     if checks:
         out.append("| | Check | Result |")

@@ -134,6 +134,8 @@ def check_entry(check: Check, result: CheckResult | None) -> dict[str, Any]:
             layers=[],
             lock=None,
             record=None,
+            needs=[],
+            blocked_by=None,
             seconds=None,
         )
         return entry
@@ -146,6 +148,8 @@ def check_entry(check: Check, result: CheckResult | None) -> dict[str, Any]:
         layers=_clean(result.layers),
         lock=None if result.lock is None else _lock_view(result),
         record=None if result.record is None else _clean(result.record.to_json()),
+        needs=list(result.needs),
+        blocked_by=result.blocked_by,
         seconds=result.seconds,
     )
     return entry

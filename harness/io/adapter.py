@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.errors import AdapterError, CheckpointError
 from harness.io.files import read_json
-from harness.io.pickled import load_pickle_state, pickle_infos
+from harness.io.pickled import OPT_IN, load_pickle_state, pickle_infos
 from harness.io.safetensors import (
     SafetensorsFile,
     TensorInfo,
@@ -87,7 +87,7 @@ class Adapter:
         if not allow_pickle:
             raise AdapterError(
                 f"{root}: only a pickle {PICKLE_FILE}; refusing to unpickle. Save with"
-                " safetensors, or pass --merge-allow-pickle (loads with weights_only=True)"
+                f" safetensors, or opt in ({OPT_IN})"
             )
         try:
             state = load_pickle_state(root / PICKLE_FILE)

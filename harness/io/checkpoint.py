@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.errors import CheckpointError
 from harness.io.files import exists, read_json
-from harness.io.pickled import PICKLE_NAMES, load_pickle_state, pickle_infos, tensor_bytes
+from harness.io.pickled import (
+    OPT_IN,
+    PICKLE_NAMES,
+    load_pickle_state,
+    pickle_infos,
+    tensor_bytes,
+)
 from harness.io.safetensors import (
     SafetensorsFile,
     TensorInfo,
@@ -188,8 +194,7 @@ class Checkpoint:
         if not allow_pickle:
             raise CheckpointError(
                 f"{root}: only pickle checkpoint(s) ({', '.join(p.name for p in pickles)});"
-                " refusing to unpickle. Save with safetensors, or pass --merge-allow-pickle"
-                " (loads with weights_only=True)"
+                f" refusing to unpickle. Save with safetensors, or opt in ({OPT_IN})"
             )
         state: dict[str, torch.Tensor] = {}
         tensors: dict[str, TensorInfo] = {}

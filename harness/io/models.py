@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import CheckpointError, HarnessError
+from harness.errors import CheckpointError, HarnessError, bounded, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -72,22 +72,59 @@ def auto_class(task: str) -> Any:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence transformers' progress bars and load reports (restored afterwards)."""
+def quiet() -> Iterator[list[str]]:
+    """Silence transformers' progress bars and load reports (restored afterwards).
+
+    What transformers logs meanwhile is kept, not printed, and yielded: its load report (which
+    weights mismatched, which were missing) is the cause a bare "see the report above"
+    exception leaves out.
+    """
+    import logging
+
     import transformers.utils.logging as hf_logging
 
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    # transformers' library root logger: its handlers print, its level filters
+    library = logging.getLogger("transformers")
+    handlers, propagate = list(library.handlers), library.propagate
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    keeper = Keep(logging.WARNING)
+    for handler in handlers:
+        library.removeHandler(handler)
+    library.addHandler(keeper)
+    library.propagate = False
+    hf_logging.set_verbosity_warning()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield kept
     finally:
+        library.removeHandler(keeper)
+        for handler in handlers:
+            library.addHandler(handler)
+        library.propagate = propagate
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def load_report(kept: list[str]) -> str:
+    """The rows of transformers' load report that explain a failure (mismatched, missing...)."""
+    rows = []
+    for message in kept:
+        for line in message.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 3 and cells[1] in ("MISMATCH", "MISSING", "UNEXPECTED"):
+                reason = f" ({cells[2]})" if cells[2] else ""
+                rows.append(f"{cells[0]}: {cells[1].lower()}{reason}")
+    return "; ".join(rows)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -152,7 +189,7 @@ def load_pretrained(
     cls = auto_class(task)
     target = resolve_device(device)
     try:
-        with quiet():
+        with quiet() as kept:
             model, info = cls.from_pretrained(
                 folder,
                 dtype=dtype if stored is None else stored,
@@ -164,8 +201,13 @@ def load_pretrained(
     except HarnessError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        report = load_report(kept)
+        if report:
+            raise HarnessError(
+                f"{folder}: transformers cannot load it as {cls.__name__}: {bounded(report)}"
+            ) from None
         raise HarnessError(
-            f"{folder}: transformers cannot load it as {cls.__name__}: {_first(exc)}"
+            f"{folder}: transformers cannot load it as {cls.__name__}: {one_line(exc, whole=True)}"
         ) from None
     if stored is not None and dtype != stored:
         model.to(dtype)
@@ -206,12 +248,9 @@ def load_peft(
         with quiet():
             peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise HarnessError(f"{adapter}: peft cannot apply it to {base}: {_first(exc)}") from None
+        raise HarnessError(
+            f"{adapter}: peft cannot apply it to {base}: {one_line(exc, whole=True)}"
+        ) from None
     peft_model.to(resolve_device(device))
     peft_model.eval()
     return peft_model
-
-
-def _first(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__

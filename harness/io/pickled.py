@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     import torch
 
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "pytorch_model.pt", "model.pt", "model.pth")
+#: How a user opts in, in each of the harness's entry points.
+OPT_IN = (
+    "--merge-allow-pickle with pytest, --allow-pickle with merge-harness hash and merge;"
+    " loads with weights_only=True"
+)
 
 
 def _pickle_cause(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from harness.plugin.fixtures import (
     merged_model,
     tiny_merge_factory,
 )
-from harness.plugin.options import add_options, wanted
+from harness.plugin.options import add_options, is_selection, wanted
 from harness.plugin.state import STATE_KEY
 from harness.run.result import Family
 
@@ -47,16 +47,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(
+    early_config: pytest.Config, parser: pytest.Parser, args: list[str]
+) -> None:
+    """Before anything is written: keep the rootdir and cache away from the model folders."""
+    namespace = early_config.known_args_namespace
+    if wanted(early_config, namespace, list(getattr(namespace, "file_or_dir", None) or [])):
+        from harness.plugin.rootdir import pin
+
+        pin(early_config, args)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Activate the harness when a merge was named; invalid options are a usage error (exit 4)."""
     for name, text in _MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    if not wanted(config):
+    positional = list(getattr(config.option, "file_or_dir", None) or [])
+    if not wanted(config, config.option, positional):
         return
     from harness.plugin.session import HarnessSession
     from harness.plugin.setup import prepare
 
     state = prepare(config)
+    # ``merge::...`` arguments select checks; they are no paths for pytest to collect.
+    state.selection = [arg for arg in positional if is_selection(arg)]
+    if state.selection:
+        config.args[:] = [arg for arg in config.args if not is_selection(arg)]
     config.stash[STATE_KEY] = state
     config.pluginmanager.register(HarnessSession(state, config), SESSION_PLUGIN)
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pytest import ExitCode
+
 from harness.errors import HarnessError
+from harness.extras import install_hint
 from harness.gate import github
 from harness.gate.decide import Verdict, decide
 from harness.gate.lockfile import CHECK_ID, build_lock, read_lock, write_lock
@@ -18,6 +21,7 @@ from harness.gate.markdown import render_markdown
 from harness.gate.plot import layer_rows, plot_layers
 from harness.gate.report import build_report, dumps_report, harness_version, library_versions
 from harness.plugin.state import State
+from harness.run.result import Outcome
 
 #: Exit statuses after which the lock may be written (tests ran to the end).
 _COMPLETED = (0, 1)
@@ -27,15 +31,17 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
     """Decide, write lock/report/summary/plot, and return the exit status (None: pytest's own).
 
     Runs once, on the controller. The lock is written only with ``--update-merge-lock``, only
-    when every check ran, the gate passed and the run completed; otherwise the terminal summary
-    says why not. A gate that fails while pytest would exit 0 turns the status to 1; an I/O
-    error writing an output the user asked for is reported and also gives 1.
+    when every check ran, the gate passed, nothing was inconclusive and the run completed;
+    otherwise the update has failed, which fails the run (an update job must not go green
+    having recorded nothing). A gate that fails while pytest would exit 0 turns the status to
+    1; a run in which no check produced a result exits 5 ("no checks ran"); an I/O error
+    writing an output the user asked for is reported and also gives 1.
     """
     settings = state.settings
     gate = settings.config
     if not state.suite:
         return None
-    verdict = decide(state.suite, state.results, gate.inconclusive_blocks)
+    verdict = decide(state.suite, state.results, gate.inconclusive_blocks, settings.families)
     lines = state.gate_lines
     status: int | None = None
     if verdict.reused:
@@ -44,7 +50,7 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
             " unchanged: evaluation skipped)"
         )
     lock_info = _lock_transition(state, verdict, exitstatus, lines)
-    if lock_info.get("error"):
+    if lock_info.get("error") or (settings.update_lock and not lock_info.get("updated")):
         status = 1
     artifacts: dict[str, str] = {}
     plot_target = gate.plot
@@ -59,7 +65,7 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         state.results,
         settings,
         verdict,
-        exit_status=_final_status(exitstatus, verdict, status),
+        exit_status=_final_status(exitstatus, verdict, status, state.other_tests),
         lock=lock_info,
         notes=list(state.notes),
         artifacts=artifacts,
@@ -83,19 +89,35 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         except OSError as exc:
             lines.append(f"{label}: cannot write {path}: {exc.strerror or exc}")
             status = 1
-    lines.append(
-        "gate: PASSED" if verdict.passed else f"gate: FAILED ({len(verdict.reasons)} reason(s))"
-    )
-    final = _final_status(exitstatus, verdict, status)
+    lines.extend(f"  {reason}" for reason in verdict.reasons if " not verified: " in reason)
+    if verdict.unverified and verdict.partial:
+        lines.append(f"partial gate: {len(verdict.unverified)} check(s) not verified:")
+        lines.extend(f"  {line}" for line in verdict.unverified)
+    if verdict.missing and verdict.ran:
+        lines.append(f"{len(verdict.missing)} check(s) deselected or not run")
+    if not verdict.ran and state.other_tests:
+        lines.append(
+            f"gate: not applied: no merge check selected ({state.other_tests} other test(s) ran)"
+        )
+    else:
+        lines.append(verdict.headline())
+    final = _final_status(exitstatus, verdict, status, state.other_tests)
     return None if final == exitstatus else final
 
 
-def _final_status(exitstatus: int, verdict: Verdict, status: int | None) -> int:
+def _final_status(exitstatus: int, verdict: Verdict, status: int | None, others: int) -> int:
+    """Pytest's status, unless the gate says otherwise: 5 when nothing ran, 1 when it failed.
+
+    A session whose own tests ran while every merge check was deselected keeps pytest's
+    status: the gate was not applied, and the report and summary say so.
+    """
     if exitstatus not in (0, 5):
         return exitstatus
+    if not verdict.ran:
+        return exitstatus if others else int(ExitCode.NO_TESTS_COLLECTED)
     if status is not None or not verdict.passed:
         return 1
-    return exitstatus
+    return 0
 
 
 def _lock_transition(
@@ -132,9 +154,12 @@ def _lock_transition(
     elif result is None:
         why_not = "the lock check did not run"
     elif verdict.missing:
-        why_not = f"{len(verdict.missing)} check(s) did not run"
+        why_not = f"{len(verdict.missing)} check(s) did not run; an update needs every check"
     elif not verdict.passed:
         why_not = "the gate failed"
+    elif verdict.counts.get(Outcome.INCONCLUSIVE.value):
+        count = verdict.counts[Outcome.INCONCLUSIVE.value]
+        why_not = f"{count} inconclusive result(s) approve nothing"
     elif exitstatus not in _COMPLETED:
         why_not = f"the run did not complete (exit status {exitstatus})"
     if why_not is not None:
@@ -192,7 +217,7 @@ def _write_plot(state: State, target: Path, *, explicit: bool, lines: list[str])
     except ImportError:
         if explicit:
             lines.append(
-                "plot: matplotlib is not installed (pip install 'pytest-merge-harness[plot]')"
+                f"plot: matplotlib is not installed ({install_hint('plot')})"
             )
         return None
     except OSError as exc:

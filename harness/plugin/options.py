@@ -9,6 +9,7 @@ it). Nothing here decides precedence: :func:`harness.run.settings.resolve` does,
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,14 +122,52 @@ def _path(config: pytest.Config, dest: str) -> Path | None:
     return None
 
 
+#: What a Hugging Face Hub id looks like (``owner/name``), as opposed to a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def missing_input(flag: str, path: Path, given: str) -> str:
+    """The one-line cause for an input that does not exist (a hub id gets its own advice)."""
+    if _HUB_ID.fullmatch(given) and not given.startswith((".", "~")):
+        return (
+            f"{flag} {given}: no such local folder; it looks like a Hugging Face Hub id, and"
+            " merge-harness never downloads: fetch it first (huggingface-cli download"
+            f" {given} --local-dir DIR) and pass the folder"
+        )
+    return f"{flag} {path}: no such file or folder"
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a PEFT adapter and no model weights of its own."""
+    if not (folder / "adapter_config.json").is_file():
+        return False
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return not any((folder / name).exists() for name in weights)
+
+
 def _file(config: pytest.Config, dest: str) -> Path | None:
     value = config.getoption(dest)
     return Path(value).expanduser().absolute() if value else None
 
 
-def wanted(config: pytest.Config) -> bool:
-    """Whether this run asked for merge checks at all (cheap: no imports beyond options)."""
-    return any(_path(config, dest) for _, dest, _ in PATH_OPTIONS)
+def is_selection(arg: str) -> bool:
+    """Whether a positional argument selects merge checks (``merge``, ``merge::weights::x``)."""
+    return arg == "merge" or arg.startswith("merge::")
+
+
+def wanted(config: pytest.Config, namespace: Any, positional: list[str]) -> bool:
+    """Whether this run asks for merge checks (cheap: no imports beyond options).
+
+    A merge named on the command line always does. One named only by the ini file does when
+    pytest runs the whole project (no positional arguments) or merge checks are selected
+    (``pytest merge``); ``pytest tests/test_x.py`` in a project whose ini names a merge runs
+    just that file, as pytest users expect.
+    """
+    if any(getattr(namespace, dest, None) for _, dest, _ in PATH_OPTIONS):
+        return True
+    if not any(str(config.getini(dest) or "") for _, dest, _ in PATH_OPTIONS):
+        return False
+    return all(is_selection(arg) for arg in positional)
 
 
 def read_request(config: pytest.Config) -> Request:
@@ -137,7 +176,15 @@ def read_request(config: pytest.Config) -> Request:
     for flag, dest, _ in PATH_OPTIONS:
         path = inputs[dest]
         if path is not None and not path.exists():
-            raise pytest.UsageError(f"{flag} {path}: no such file or folder")
+            given = str(config.getoption(dest) or config.getini(dest))
+            raise pytest.UsageError(missing_input(flag, path, given))
+    merged = inputs["merged_model"]
+    if merged is not None and is_adapter_folder(merged):
+        raise pytest.UsageError(
+            f"--merged-model {merged}: this is a PEFT adapter folder (adapter_config.json, no"
+            " model weights); did you mean --adapter? The merged model is the folder that"
+            " merge_and_unload() and save_pretrained() wrote"
+        )
     return Request(
         merged=inputs["merged_model"],
         base=inputs["base_model"],

@@ -12,15 +12,20 @@ from harness.gate.report import summary_lines
 from harness.plugin.finish import apply_gate
 from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.plugin.state import State
-from harness.run.result import CheckResult, Outcome
+from harness.run.result import CheckResult, Family, Outcome
 
 _MARK = {
     Outcome.PASSED: "PASS",
     Outcome.FAILED: "FAIL",
     Outcome.SKIPPED: "skip",
-    Outcome.INCONCLUSIVE: "????",
+    Outcome.INCONCLUSIVE: "INCONCLUSIVE",
     Outcome.WARNING: "WARN",
 }
+
+
+def _selects(selection: str, nodeid: str) -> bool:
+    """Whether a ``merge::...`` argument selects the item ``nodeid`` (itself or a prefix)."""
+    return nodeid == selection or nodeid.startswith(selection + "::")
 
 
 class HarnessSession:
@@ -47,10 +52,31 @@ class HarnessSession:
             )
             for check in self.state.suite
         ]
-        items.extend(generated)
         # Report the generated items like collected ones, so "collected N items" counts them.
         report = pytest.CollectReport(suite.nodeid, "passed", None, list(generated))
         session.ihook.pytest_collectreport(report=report)
+        chosen = self.state.selection
+        if chosen:
+            unknown = [s for s in chosen if not any(_selects(s, i.nodeid) for i in generated)]
+            if unknown:
+                known = ", ".join(sorted({f"merge::{c.family.value}" for c in self.state.suite}))
+                raise pytest.UsageError(
+                    f"{unknown[0]} matches no merge check of this run (families: {known})"
+                )
+            dropped = [i for i in generated if not any(_selects(s, i.nodeid) for s in chosen)]
+            if dropped:
+                config.hook.pytest_deselected(items=dropped)
+            generated = [i for i in generated if i not in dropped]
+        items.extend(generated)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Tell the context which selected check reports each unreadable input (once)."""
+        owners: dict[str, str] = {}
+        for item in session.items:
+            if isinstance(item, CheckItem):
+                for which in item.check.reports:
+                    owners.setdefault(which, item.check.id)
+        self.state.context().owners = owners
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each check's result (reports from xdist workers arrive here on the controller)."""
@@ -58,12 +84,23 @@ class HarnessSession:
             if key == RESULT_PROPERTY:
                 check_id = "merge::" + report.nodeid.split("merge::", 1)[-1]
                 self.state.results[check_id] = CheckResult.from_json(json.loads(str(value)))
+                return
+        if report.when == "call" and not report.nodeid.startswith("merge::"):
+            self.state.other_tests += 1
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """The merge-harness section: each check, the digests and the size comparison."""
         if self.is_worker or not (self.state.results or self.state.gate_lines):
             return
         terminalreporter.section("merge-harness")
+        settings = self.state.settings
+        source = settings.config.source
+        terminalreporter.write_line(f"config: {source if source is not None else 'none found'}")
+        if settings.runs(Family.LOCK) or settings.update_lock:
+            exists = settings.lock_path is not None and settings.lock_path.exists()
+            terminalreporter.write_line(
+                f"lock: {settings.lock_path}" + ("" if exists else " (none yet)")
+            )
         for line in self.state.notes:
             terminalreporter.write_line(line)
         for line in summary_lines(self.state.suite, self.state.results, _MARK):

@@ -19,6 +19,7 @@ import pytest
 from harness.checks import build_suite
 from harness.errors import HarnessError, one_line
 from harness.io.adapter import discover_base
+from harness.io.models import resolve_device
 from harness.merger import merge_checkpoint
 from harness.offline import enforce_offline
 from harness.plugin.options import read_request
@@ -97,7 +98,11 @@ def _resolve(config: pytest.Config) -> State:
 
 def _settings(request: Request, config: pytest.Config, workdir: Path | None) -> Settings:
     try:
-        return resolve(request, rootdir=config.rootpath, workdir=workdir)
+        settings = resolve(request, rootdir=config.rootpath, workdir=workdir)
+        if settings.device != "cpu":
+            # An accelerator that is not there is a usage error now, not three failed checks.
+            resolve_device(settings.device)
+        return settings
     except HarnessError as exc:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -23,6 +23,10 @@ class State:
     notes: list[str] = field(default_factory=list)
     #: Lines the gate adds to the terminal summary (lock transitions, verdict).
     gate_lines: list[str] = field(default_factory=list)
+    #: ``merge::...`` arguments that select checks (empty: every check of the suite).
+    selection: list[str] = field(default_factory=list)
+    #: The user's own tests that ran in the same session (beside the merge checks).
+    other_tests: int = 0
     _context: Context | None = None
 
     def context(self) -> Context:

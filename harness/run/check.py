@@ -17,6 +17,9 @@ class Check:
     name: str
     description: str
     run: Callable[[Context], CheckResult]
+    #: Inputs (``merged``, ``base``, ``adapter``) whose unreadability this check reports; the
+    #: other checks that need an unreadable input skip, naming it, instead of failing again.
+    reports: frozenset[str] = frozenset()
 
     @property
     def id(self) -> str:

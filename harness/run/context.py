@@ -39,6 +39,8 @@ class _Failure:
 MERGED: Key[Checkpoint] = Key("open:merged")
 BASE: Key[Checkpoint] = Key("open:base")
 ADAPTER: Key[Adapter] = Key("open:adapter")
+#: The inputs, by the key that opens them.
+INPUTS: dict[str, str] = {MERGED.name: "merged", BASE.name: "base", ADAPTER.name: "adapter"}
 
 
 class Context:
@@ -47,6 +49,17 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._memo: dict[str, Any] = {}
+        #: input -> the id of the check that reports it when it cannot be read (set by the
+        #: plugin from the selected items; empty: every check reports what it hits).
+        self.owners: dict[str, str] = {}
+
+    def input_failure(self, error: BaseException) -> str | None:
+        """The input (``merged``, ``base``, ``adapter``) whose opening raised ``error``, if any."""
+        for key, which in INPUTS.items():
+            value = self._memo.get(key)
+            if isinstance(value, _Failure) and value.error is error:
+                return which
+        return None
 
     def memo(self, key: Key[T], compute: Callable[[], T]) -> T:
         """Compute ``key`` once; later calls return the value or re-raise the same failure.

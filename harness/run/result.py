@@ -130,6 +130,11 @@ class CheckResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     lock: LockEvidence | None = None
     record: BenchmarkRecord | None = None
+    #: What a skipped check needed and the run did not have (``--adapter``, ``transformers``,
+    #: ``memory``): the check verified nothing, although it applies to this merge.
+    needs: list[str] = field(default_factory=list)
+    #: The check whose failure made this one meaningless (it was skipped, not failed again).
+    blocked_by: str | None = None
     #: Wall time of the check (set by the runner).
     seconds: float | None = None
     #: The traceback of an internal error (``--full-trace`` shows it).
@@ -153,9 +158,14 @@ class CheckResult:
         return cls(Outcome.FAILED, message, list(details or []), {**(metrics or {}), **more})
 
     @classmethod
-    def skipped(cls, message: str) -> CheckResult:
-        """A check that does not apply to this merge case."""
-        return cls(Outcome.SKIPPED, message)
+    def skipped(cls, message: str, *, needs: list[str] | None = None) -> CheckResult:
+        """A check that does not apply, or (with ``needs``) could not run for lack of an input."""
+        return cls(Outcome.SKIPPED, message, needs=list(needs or []))
+
+    @property
+    def unverified(self) -> bool:
+        """Whether the check applies to this merge but verified nothing (an input was missing)."""
+        return self.outcome is Outcome.SKIPPED and bool(self.needs)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable view with every field (the transport between processes)."""
@@ -168,6 +178,8 @@ class CheckResult:
             "layers": list(self.layers),
             "lock": None if self.lock is None else self.lock.to_json(),
             "record": None if self.record is None else self.record.to_json(),
+            "needs": list(self.needs),
+            "blocked_by": self.blocked_by,
             "seconds": self.seconds,
             "traceback": self.traceback,
         }
@@ -187,6 +199,8 @@ class CheckResult:
             list(data.get("layers", [])),
             None if lock is None else LockEvidence.from_json(lock),
             None if record is None else BenchmarkRecord.from_json(record),
+            [str(n) for n in data.get("needs", [])],
+            None if data.get("blocked_by") is None else str(data["blocked_by"]),
             float(seconds) if isinstance(seconds, (int, float)) else None,
             None if data.get("traceback") is None else str(data["traceback"]),
         )

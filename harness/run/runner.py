@@ -54,7 +54,7 @@ def _guarded(check: Check, ctx: Context) -> CheckResult:
     try:
         result = check.run(ctx)
     except HarnessError as exc:
-        return CheckResult.failed(one_line(exc))
+        return _blocked(check, ctx, exc) or CheckResult.failed(one_line(exc))
     except (MemoryError, RecursionError) as exc:
         return CheckResult.failed(f"ran out of resources: {type(exc).__name__}")
     except SystemExit as exc:  # a library calling sys.exit() must not end the whole run
@@ -71,4 +71,21 @@ def _guarded(check: Check, ctx: Context) -> CheckResult:
         )
     if not isinstance(result, CheckResult):
         return CheckResult.failed(f"internal error: {check.id} returned {type(result).__name__}")
+    return result
+
+
+def _blocked(check: Check, ctx: Context, error: HarnessError) -> CheckResult | None:
+    """A skip naming the root cause when an unreadable input is another check's to report.
+
+    One unreadable merged folder would otherwise fail every check with the same line; its
+    owner (``merge::structure::loads`` for the merged checkpoint) fails once, the rest skip.
+    """
+    which = ctx.input_failure(error)
+    owner = ctx.owners.get(which) if which is not None else None
+    if owner is None or owner == check.id:
+        return None
+    result = CheckResult.skipped(
+        f"not checked: the {which} input cannot be read ({owner} reports why)"
+    )
+    result.blocked_by = owner
     return result
