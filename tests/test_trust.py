@@ -391,3 +391,20 @@ def test_an_update_job_that_records_nothing_is_red_in_actions(tiny_llama, tmp_pa
     assert any(line.startswith("::error") and "NOT updated" in line
                for line in stdout.splitlines()), stdout[-2000:]
     assert not (workspace / "merge-harness.lock").exists()
+
+
+def test_an_ini_above_the_models_is_not_picked_up(pytester, tiny_llama, tmp_path, monkeypatch):
+    """A project whose pyproject sits above the model folders: with the space form and even
+    with --rootdir, its pytest settings (here an addopts that would break the run) stay out."""
+    project = tmp_path / "project"
+    inputs = _inputs(project / "models", tiny_llama)
+    (project / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\naddopts = "-p no_such_plugin_anywhere"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for extra in ([], [f"--rootdir={elsewhere}"]):
+        result = pytester.runpytest(*_args(inputs), FAST, *extra)
+        assert result.ret == 0, result.stdout.str() + result.stderr.str()
+        assert "configfile" not in result.stdout.str()

@@ -61,15 +61,16 @@ def pin(config: pytest.Config, args: list[str]) -> None:
     """Redo the rootdir determination without the option values, and move the cache.
 
     Called from ``pytest_load_initial_conftests`` when a merge run is asked for. An explicit
-    ``--rootdir`` or ``-c`` is the user's choice and is left alone.
+    ``-c`` is the user's choice and is left alone; an explicit ``--rootdir`` is kept, but the
+    ini file is looked for again (pytest also looked for it above the option values).
     """
     ns = config.known_args_namespace
-    if not ns.rootdir and not ns.inifilename and _given_space_form(args):
+    if not ns.inifilename and _given_space_form(args):
         rootpath, inipath, inicfg, ignored = determine_setup(
             inifile=None,
             override_ini=ns.override_ini,
             args=list(ns.file_or_dir),
-            rootdir_cmd_arg=None,
+            rootdir_cmd_arg=ns.rootdir or None,
             invocation_dir=config.invocation_params.dir,
         )
         if (rootpath, inipath) != (config.rootpath, config.inipath):
