@@ -399,7 +399,7 @@ def test_an_ini_above_the_models_is_not_picked_up(pytester, tiny_llama, tmp_path
     project = tmp_path / "project"
     inputs = _inputs(project / "models", tiny_llama)
     (project / "pyproject.toml").write_text(
-        '[tool.pytest.ini_options]\naddopts = "-p no_such_plugin_anywhere"\n'
+        '[tool.pytest.ini_options]\naddopts = "--no-such-option-anywhere"\n'
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

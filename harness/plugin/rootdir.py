@@ -74,6 +74,11 @@ def pin(config: pytest.Config, args: list[str]) -> None:
             invocation_dir=config.invocation_params.dir,
         )
         if (rootpath, inipath) != (config.rootpath, config.inipath):
+            # pytest put the wrong ini file's addopts in front of the arguments: take them out
+            # (its "-p" plugins, if any, were imported before any plugin could intervene)
+            wrong = list(config.getini("addopts")) if inipath != config.inipath else []
+            if wrong and args[: len(wrong)] == wrong:
+                del args[: len(wrong)]
             old_cut = str(config.inipath.parent if config.inipath else config.rootpath)
             config._rootpath = rootpath
             config._inipath = inipath
