@@ -8,7 +8,7 @@ both checkpoints, so the pass also yields what the structure and hash checks nee
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.oracle.compare import Role, TensorCheck, compare_edited, compare_untouched
 from harness.oracle.diagnosis import diagnose
 from harness.stream.hashing import Manifest, combine
+from harness.stream.partition import Part, Unit, units
 from harness.stream.pipeline import StreamPass
 from harness.stream.scan import NonFinite, ScanResult, scan_tensor
 
@@ -239,21 +240,31 @@ class OraclePass:
                     edit.release()
         return done
 
-    def rest(self) -> Iterator[tuple[TensorInfo, bytearray]]:
-        """Base tensors the merged pass did not read (for the base's digest)."""
+    def base_only(self) -> list[TensorInfo]:
+        """Base tensors the merged pass does not read (only their digests are needed)."""
         seen = {source for name, source in self.sources.items() if source == name}
-        for info in self.base.in_file_order():
-            if info.name not in seen:
-                yield info, self.base.read_bytes(info.name)
+        return [info for info in self.base.in_file_order() if info.name not in seen]
 
-    def run(self) -> tuple[OracleResult, ScanResult | None, ScanResult | None]:
-        """The pass itself; see :func:`run_oracle`."""
+    def units(self) -> tuple[list[Unit], list[Unit]]:
+        """The pass as partition units: merged tensors (with their base bytes) and base-only."""
+        merged = units((i.name, i.file.name, self.size(i)) for i in self.merged.in_file_order())
+        rest = units((i.name, i.file.name, i.nbytes) for i in self.base_only())
+        return merged, rest
+
+    def run(
+        self, part: Part | None = None
+    ) -> tuple[OracleResult, ScanResult | None, ScanResult | None]:
+        """The pass itself (or one ``part`` of it); see :func:`run_oracle`.
+
+        A part's result holds its tensors only; the missing-tensor verdicts, which need no
+        bytes, belong to part 1.
+        """
         started = time.perf_counter()
         result = OracleResult([], self.problem, [], self.k)
         digests: tuple[dict[str, str], dict[str, str]] = ({}, {})
         bad: tuple[dict[str, NonFinite], dict[str, NonFinite]] = ({}, {})
         try:
-            order = self.merged.in_file_order()
+            order = [i for i in self.merged.in_file_order() if part is None or i.name in part.names]
             for done in self.stream.run(order, self.read, self.process, self.size):
                 self.stream.budget.release(done.nbytes)
                 result.bytes_read += done.nbytes
@@ -267,7 +278,10 @@ class OraclePass:
                 if done.base_name is not None and done.base_nonfinite is not None:
                     bad[1][done.base_name] = done.base_nonfinite
             if self.scans:
-                for info, data in self.rest():
+                for info in self.base_only():
+                    if part is not None and info.name not in part.base_names:
+                        continue
+                    data = self.base.read_bytes(info.name)
                     result.bytes_read += len(data)
                     digests[1][info.name], found = scan_tensor(info, data)
                     if found is not None:
@@ -275,7 +289,8 @@ class OraclePass:
         finally:
             if self.plan is not None:
                 self.plan.release()
-        if self.plan is not None and self.problem is None:
+        first = part is None or part.index == 1
+        if self.plan is not None and self.problem is None and first:
             result.tensors.extend(_missing(self.merged, self.base, self.plan, self.work))
         result.seconds = time.perf_counter() - started
         if not self.scans:
