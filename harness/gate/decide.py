@@ -2,7 +2,7 @@
 
 No pytest, no files: the same verdict comes out on a laptop, under ``pytest-xdist`` (results
 reach the controller through ``report.user_properties``), in ``merge-harness combine`` and in CI.
-The plugin applies it at the end of a session (``harness.plugin.finish``).
+``harness.gate.apply`` applies it at the end of a run.
 
 The gate passes only when the run verified what it was asked to verify:
 

@@ -14,7 +14,7 @@ from harness.run.result import CheckResult, Family, Outcome
 from harness.run.runner import run_check
 
 if TYPE_CHECKING:
-    from harness.plugin.state import State
+    from harness.run.state import State
 
 RESULT_PROPERTY = "merge_result"
 

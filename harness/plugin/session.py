@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from harness.gate.report import summary_lines
-from harness.plugin.finish import apply_gate
+from harness.gate.apply import apply_gate
 from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
-from harness.plugin.state import State
+from harness.run.state import State
 from harness.run.result import CheckResult, Family, Outcome
 
 _MARK = {

@@ -23,7 +23,7 @@ from harness.io.models import resolve_device
 from harness.merger import merge_checkpoint
 from harness.offline import enforce_offline
 from harness.plugin.options import read_request
-from harness.plugin.state import State
+from harness.run.state import State
 from harness.run.settings import Request, Settings, resolve
 
 WORKER_KEY = "merge_harness"

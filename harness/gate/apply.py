@@ -1,16 +1,15 @@
-"""The end of a session on the controller: apply the verdict, the lock file and the reports.
+"""The end of a run: apply the verdict, the lock file and the reports, return the exit status.
 
 The verdict itself is ``harness.gate.decide`` (pure); this module applies it once, after every
-result has arrived: it writes the lock file when asked and allowed, the JSON report, the
-markdown summary and the weight-difference plot, and returns the exit status.
+result has arrived (on the pytest controller, or in ``merge-harness combine``): it writes the
+lock file when asked and allowed, the JSON report, the markdown summary and the
+weight-difference plot, and returns the exit status.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from pytest import ExitCode
 
 from harness.errors import HarnessError
 from harness.extras import install_hint
@@ -20,9 +19,11 @@ from harness.gate.lockfile import CHECK_ID, build_lock, read_lock, write_lock
 from harness.gate.markdown import render_markdown
 from harness.gate.plot import layer_rows, plot_layers
 from harness.gate.report import build_report, dumps_report, harness_version, library_versions
-from harness.plugin.state import State
+from harness.run.state import State
 from harness.run.result import Outcome
 
+#: pytest's status for a run that collected nothing (``ExitCode.NO_TESTS_COLLECTED``).
+NO_TESTS = 5
 #: Exit statuses after which the lock may be written (tests ran to the end).
 _COMPLETED = (0, 1)
 
@@ -114,7 +115,7 @@ def _final_status(exitstatus: int, verdict: Verdict, status: int | None, others:
     if exitstatus not in (0, 5):
         return exitstatus
     if not verdict.ran:
-        return exitstatus if others else int(ExitCode.NO_TESTS_COLLECTED)
+        return exitstatus if others else NO_TESTS
     if status is not None or not verdict.passed:
         return 1
     return 0
