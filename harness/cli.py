@@ -3,6 +3,7 @@
     merge-harness hash PATH [--json]
     merge-harness merge BASE ADAPTER [ADAPTER ...] OUT [--max-shard-size SIZE] [--overwrite]
     merge-harness gate ...            (the CI gate, see :mod:`harness.action`)
+    merge-harness combine PART.json...  (the parts of a sharded run, see :mod:`harness.combine`)
 
 A subcommand is a :class:`Command` (arguments + a ``run`` returning the exit status) added with
 :func:`register`; :func:`lazy` registers one whose module is imported only when it is used.
@@ -144,6 +145,8 @@ register(Command("merge", "merge PEFT adapter(s) into a base checkpoint, streami
                  _merge_arguments, _merge_run))
 register(lazy("gate", "run the merge checks as a CI gate (reports, annotations)",
               "harness.action"))
+register(lazy("combine", "judge the parts of a sharded run (--merge-shard K/N) together",
+              "harness.combine"))
 
 
 def build_parser() -> argparse.ArgumentParser:

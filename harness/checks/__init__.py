@@ -26,7 +26,11 @@ FAMILIES: dict[Family, str] = {
 
 
 def build_suite(settings: Settings) -> list[Check]:
-    """Every check that applies to ``settings``, in a stable order."""
+    """Every check that applies to ``settings``, in a stable order.
+
+    Part K > 1 of a sharded run (``--merge-shard K/N``) holds the streamed checks only; the
+    others run once, in part 1.
+    """
     suite: list[Check] = []
     for family, module_name in FAMILIES.items():
         if not settings.runs(family):
@@ -34,4 +38,6 @@ def build_suite(settings: Settings) -> list[Check]:
         module = importlib.import_module(module_name)
         provide: Callable[[Settings], list[Check]] = module.checks
         suite.extend(provide(settings))
+    if settings.shard is not None and settings.shard[0] > 1:
+        suite = [check for check in suite if check.streamed]
     return suite

@@ -49,5 +49,6 @@ def checks(settings: Settings) -> list[Check]:
             "differs_from_base",
             "merged content digest differs from the base's",
             check_differs_from_base,
+            streamed=True,
         )
     ]

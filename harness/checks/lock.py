@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.checks.passes import base_scan, merged_scan
+from harness.checks.split import adapter_fingerprint
 from harness.errors import HarnessError
 from harness.gate.lockfile import MODELS, Lock, LockStatus, read_lock
 from harness.run.check import Check
@@ -18,7 +19,6 @@ from harness.run.config import DEFAULT_LOCK
 from harness.run.context import Context, Key
 from harness.run.result import CheckResult, Family, LockEvidence, Outcome
 from harness.run.settings import Settings
-from harness.stream.hashing import adapter_digest
 
 #: Changed tensor names kept in a result (the message shows a few, the metrics up to this many).
 MAX_LISTED = 50
@@ -45,7 +45,7 @@ def current_digests(ctx: Context) -> Current:
         if ctx.has_base:
             digests["base"] = base_scan(ctx).manifest.digest
         if ctx.has_adapter:
-            digests["adapter"] = adapter_digest(ctx.adapter())
+            digests["adapter"] = adapter_fingerprint(ctx)
         return Current(digests, dict(merged.tensors))
 
     return ctx.memo(CURRENT, compute)
@@ -94,8 +94,11 @@ def reusable(ctx: Context, check_id: str, fingerprint: str) -> dict[str, Any] | 
     """The recorded benchmark entry for ``check_id`` when the lock allows reusing it.
 
     Reuse needs every digest to match the lock and the same evaluation fingerprint; a lock that
-    cannot be read allows nothing (its own check reports why).
+    cannot be read allows nothing (its own check reports why). A sharded run
+    (``--merge-shard``) holds a part of the digests only: it reuses nothing.
     """
+    if ctx.settings.shard is not None:
+        return None
     if not lock_path(ctx.settings).is_file():
         return None  # nothing recorded: skip computing the digests here
     try:
@@ -195,6 +198,7 @@ def checks(settings: Settings) -> list[Check]:
             "digests",
             "merged, base and adapter digests match the approved lock file",
             check_lock,
+            streamed=True,
         )
     ]
 

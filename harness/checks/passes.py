@@ -3,32 +3,51 @@
 The weight oracle's pass computes both checkpoints' digests and NaN/Inf scans on the bytes it
 reads anyway. :func:`scans` therefore runs the oracle when the weights family will run it
 regardless, and a plain scan otherwise: one explicit decision, in one place, instead of a
-structure check reaching sideways into the weights family.
+structure check reaching sideways into the weights family. Under pytest-xdist the pass is
+divided among the workers (:mod:`harness.checks.split`) and each worker combines the parts.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+from harness.checks.split import shared_pass, uses_oracle
+from harness.errors import HarnessError
+from harness.oracle.parts import Combined
 from harness.oracle.stream import OracleResult, run_oracle
 from harness.run.context import Context, Key
-from harness.run.result import Family
 from harness.stream.scan import ScanResult, scan_checkpoint
 
 ORACLE: Key[OracleResult] = Key("pass:oracle")
 MERGED_SCAN: Key[ScanResult] = Key("pass:scan:merged")
 BASE_SCAN: Key[ScanResult] = Key("pass:scan:base")
 
+#: Whether the weights family will run the oracle (base and adapter given, selected).
+oracle_runs = uses_oracle
 
-def oracle_runs(ctx: Context) -> bool:
-    """Whether the weights family will run the oracle (base and adapter given, selected)."""
-    return ctx.has_base and ctx.has_adapter and ctx.settings.runs(Family.WEIGHTS)
+
+def _shared(ctx: Context) -> Combined:
+    """The pass divided among xdist workers, combined; seeds both scans and the oracle."""
+    share = ctx.settings.share
+    assert share is not None
+    combined = shared_pass(ctx, share, ctx.settings.peers)
+    if combined.oracle is not None:
+        ctx.seed(ORACLE, combined.oracle)
+    ctx.seed(MERGED_SCAN, combined.merged)
+    if combined.base is not None:
+        ctx.seed(BASE_SCAN, combined.base)
+    return combined
 
 
 def oracle(ctx: Context) -> OracleResult:
     """The memoised oracle pass of this run; it also records both checkpoints' scans."""
 
     def compute() -> OracleResult:
+        if ctx.settings.share is not None:
+            found = _shared(ctx).oracle
+            if found is None:
+                raise HarnessError("the shared pass did not run the oracle")
+            return found
         result, merged_scan, base_scan = run_oracle(
             ctx.merged(), ctx.base(), [ctx.adapter()], ctx.settings.ulp_tolerance
         )
@@ -54,11 +73,22 @@ def _share_oracle_pass(ctx: Context) -> None:
 
 def merged_scan(ctx: Context) -> ScanResult:
     """Digests and NaN/Inf scan of the merged checkpoint (from the oracle's pass when it runs)."""
+    if ctx.settings.share is not None:
+        return ctx.memo(MERGED_SCAN, lambda: _shared(ctx).merged)
     _share_oracle_pass(ctx)
     return ctx.memo(MERGED_SCAN, lambda: scan_checkpoint(ctx.merged()))
 
 
 def base_scan(ctx: Context) -> ScanResult:
     """Digests and NaN/Inf scan of the base checkpoint (from the oracle's pass when it runs)."""
+    if ctx.settings.share is not None:
+
+        def shared_base() -> ScanResult:
+            found = _shared(ctx).base
+            if found is None:
+                raise HarnessError("no base model: pass --base-model PATH")
+            return found
+
+        return ctx.memo(BASE_SCAN, shared_base)
     _share_oracle_pass(ctx)
     return ctx.memo(BASE_SCAN, lambda: scan_checkpoint(ctx.base()))

@@ -309,7 +309,8 @@ def checks(settings: Settings) -> list[Check]:
     ]
     reports = {"loads": frozenset({"merged"}), "same_tensor_names": frozenset({"base"})}
     return [
-        Check(Family.STRUCTURE, name, doc, run, reports.get(name, frozenset()))
+        Check(Family.STRUCTURE, name, doc, run, reports.get(name, frozenset()),
+              streamed=name == "all_finite")
         for name, run, doc in spec
     ]
 

@@ -295,6 +295,7 @@ def checks(settings: Settings) -> list[Check]:
     ]
     return [
         Check(Family.WEIGHTS, name, doc, run,
-              frozenset({"adapter"}) if name == "adapter_supported" else frozenset())
+              frozenset({"adapter"}) if name == "adapter_supported" else frozenset(),
+              streamed=True)
         for name, run, doc in spec
     ]

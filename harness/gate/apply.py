@@ -14,13 +14,13 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.extras import install_hint
 from harness.gate import github
-from harness.gate.decide import Verdict, decide
+from harness.gate.decide import Verdict, decide, decide_part
 from harness.gate.lockfile import CHECK_ID, build_lock, read_lock, write_lock
 from harness.gate.markdown import render_markdown
 from harness.gate.plot import layer_rows, plot_layers
 from harness.gate.report import build_report, dumps_report, harness_version, library_versions
-from harness.run.state import State
 from harness.run.result import Outcome
+from harness.run.state import State
 
 #: pytest's status for a run that collected nothing (``ExitCode.NO_TESTS_COLLECTED``).
 NO_TESTS = 5
@@ -42,7 +42,13 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
     gate = settings.config
     if not state.suite:
         return None
-    verdict = decide(state.suite, state.results, gate.inconclusive_blocks, settings.families)
+    if settings.shard is not None:
+        label = f"{settings.shard[0]}/{settings.shard[1]}"
+        verdict = decide_part(
+            state.suite, state.results, label, state.part is not None, settings.families
+        )
+    else:
+        verdict = decide(state.suite, state.results, gate.inconclusive_blocks, settings.families)
     lines = state.gate_lines
     status: int | None = None
     if verdict.reused:
@@ -70,6 +76,8 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         lock=lock_info,
         notes=list(state.notes),
         artifacts=artifacts,
+        fingerprint=state.fingerprint,
+        part=state.part,
     )
     if github.in_actions():
         # Workflow commands at the start of a summary line: GitHub turns them into annotations

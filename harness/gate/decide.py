@@ -56,6 +56,8 @@ class Verdict:
     partial: bool = False
     #: ``check id: what it needed`` for every check that applies but verified nothing.
     unverified: list[str] = field(default_factory=list)
+    #: ``K/N`` for one part of a sharded run: it decides nothing but what it saw fail.
+    part: str | None = None
 
     @property
     def ran(self) -> bool:
@@ -67,12 +69,21 @@ class Verdict:
         """``passed``, ``failed``, or ``not_run`` when no check produced a result."""
         if not self.ran:
             return NOT_RUN
+        if self.part is not None and self.passed:
+            return "part"
         return "passed" if self.passed else "failed"
 
     def headline(self) -> str:
         """The one line the terminal, the summary and annotations lead with."""
         if not self.ran:
             return "gate: NO CHECKS RAN (nothing was verified)"
+        if self.part is not None:
+            if self.passed:
+                return (
+                    f"gate: part {self.part} recorded, no verdict yet (merge-harness combine"
+                    " judges the parts together)"
+                )
+            return f"gate: part {self.part} FAILED ({len(self.reasons)} reason(s))"
         kind = "partial gate" if self.partial else "gate"
         if self.passed:
             return f"{kind}: PASSED"
@@ -144,6 +155,37 @@ def decide(
         sorted(f.value for f in required),
         partial,
         unverified,
+    )
+
+
+def decide_part(
+    suite: Sequence[Check],
+    results: Mapping[str, CheckResult],
+    label: str,
+    recorded: bool,
+    families: frozenset[Family] | None = None,
+) -> Verdict:
+    """The decision of part ``label`` of a sharded run (``--merge-shard``).
+
+    A part verifies nothing on its own: its streamed checks are judged by ``combine``. It
+    fails only on what it saw fail (a check of part 1, a part that could not be computed) and
+    when its part is not in the report; it never reports ``passed``.
+    """
+    whole = decide(suite, results, False, families)
+    reasons = [
+        f"{check.id}: {result.message}"
+        for check in suite
+        if (result := results.get(check.id)) is not None and result.outcome is Outcome.FAILED
+    ]
+    if whole.ran and not recorded and not reasons:
+        reasons.append(f"part {label} was not computed (its streamed checks did not run)")
+    if not whole.ran:
+        reasons.insert(0, "no checks ran: nothing was verified")
+    # The families chosen travel with the part: combine's gate is partial exactly when the
+    # run's would have been.
+    return Verdict(
+        not reasons, reasons, whole.counts, whole.missing, whole.reused, whole.required,
+        whole.partial, [], label,
     )
 
 

@@ -56,8 +56,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     counts = verdict.get("counts", {})
     out: list[str] = []
     kind = "partial gate" if verdict.get("partial") else "gate"
+    shard = report.get("shard") or {}
     headline = {
         "passed": f"✅ merge-harness: {kind} passed",
+        "part": (
+            f"🧩 merge-harness: part {shard.get('index')}/{shard.get('count')} recorded (no"
+            " verdict: merge-harness combine judges the parts)"
+        ),
         "not_run": "⛔ merge-harness: no checks ran (nothing was verified)",
     }.get(str(outcome), f"❌ merge-harness: {kind} failed")
     out.append(f"## {headline}")

@@ -180,8 +180,14 @@ def build_report(
     notes: Sequence[str] = (),
     artifacts: Mapping[str, str] | None = None,
     created: str | None = None,
+    fingerprint: Mapping[str, str] | None = None,
+    part: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report (a plain dict following ``report.schema.json``)."""
+    """The JSON report (a plain dict following ``report.schema.json``).
+
+    ``fingerprint`` identifies the inputs and settings (what ``combine`` compares across
+    reports); a sharded run adds ``shard`` and its ``part`` of the streamed pass.
+    """
     config = settings.config.source if settings is not None else None
     inputs = {
         "merged": str(settings.merged) if settings and settings.merged else None,
@@ -189,7 +195,7 @@ def build_report(
         "adapter": str(settings.adapter) if settings and settings.adapter else None,
         "config": str(config) if config else None,
     }
-    return {
+    report: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "harness_version": harness_version(),
@@ -205,7 +211,13 @@ def build_report(
         "checks": [check_entry(check, results.get(check.id)) for check in suite],
         "notes": list(notes),
         "artifacts": dict(artifacts or {}),
+        "fingerprint": dict(fingerprint) if fingerprint is not None else None,
     }
+    shard = settings.shard if settings is not None else None
+    if shard is not None:
+        report["shard"] = {"index": shard[0], "count": shard[1]}
+        report["part"] = dict(part) if part is not None else None
+    return report
 
 
 def dumps_report(report: Mapping[str, Any]) -> str:

@@ -251,13 +251,19 @@ class OraclePass:
         rest = units((i.name, i.file.name, i.nbytes) for i in self.base_only())
         return merged, rest
 
+    def missing(self) -> list[TensorCheck]:
+        """Failures for the tensors the adapter changes that the merged checkpoint lacks."""
+        if self.plan is None or self.problem is not None:
+            return []
+        return _missing(self.merged, self.base, self.plan, self.work)
+
     def run(
         self, part: Part | None = None
     ) -> tuple[OracleResult, ScanResult | None, ScanResult | None]:
         """The pass itself (or one ``part`` of it); see :func:`run_oracle`.
 
         A part's result holds its tensors only; the missing-tensor verdicts, which need no
-        bytes, belong to part 1.
+        bytes, are :meth:`missing` (the part that carries them asks for them).
         """
         started = time.perf_counter()
         result = OracleResult([], self.problem, [], self.k)
@@ -289,9 +295,8 @@ class OraclePass:
         finally:
             if self.plan is not None:
                 self.plan.release()
-        first = part is None or part.index == 1
-        if self.plan is not None and self.problem is None and first:
-            result.tensors.extend(_missing(self.merged, self.base, self.plan, self.work))
+        if part is None:
+            result.tensors.extend(self.missing())
         result.seconds = time.perf_counter() - started
         if not self.scans:
             return result, None, None

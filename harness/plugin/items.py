@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from harness.checks.split import PART, record_part, shard_part
 from harness.gate.report import junit_properties
 from harness.run.check import Check
 from harness.run.result import CheckResult, Family, Outcome
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from harness.run.state import State
 
 RESULT_PROPERTY = "merge_result"
+#: The user property that carries a sharded run's part to the controller.
+PART_PROPERTY = "merge_part"
 
 
 class MergeHarnessWarning(UserWarning):
@@ -52,11 +56,21 @@ class CheckItem(pytest.Item):
             # Under ``pytest-xdist --dist loadgroup`` every benchmark item runs on one worker, so
             # each model is evaluated once per run instead of once per worker.
             self.add_marker(pytest.mark.xdist_group("merge-harness-benchmark"))
+        self.sharded = check.streamed and state.settings.shard is not None
+        if self.sharded and self.config.pluginmanager.hasplugin("xdist"):
+            # One worker computes the run's part; the other streamed items read it there.
+            self.add_marker(pytest.mark.xdist_group("merge-harness-part"))
 
     def runtest(self) -> None:
         """Run the check; fail, skip or warn according to its outcome."""
-        result = run_check(self.check, self.state.context(), self.state.settings.timeout)
+        ctx = self.state.context()
+        check = dataclasses.replace(self.check, run=record_part) if self.sharded else self.check
+        result = run_check(check, ctx, self.state.settings.timeout)
         self.user_properties.append((RESULT_PROPERTY, json.dumps(result.to_json(), default=str)))
+        if self.sharded and self.state.part is None and ctx.known(PART):
+            # The first streamed item of the process hands the part to the controller.
+            self.state.part = shard_part(ctx).to_json()
+            self.user_properties.append((PART_PROPERTY, json.dumps(self.state.part)))
         # Family, outcome, message and scalar figures as JUnit <property> elements (--junitxml).
         self.user_properties.extend(junit_properties(self.check, result))
         if result.outcome is Outcome.FAILED:

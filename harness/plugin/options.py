@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from harness.errors import HarnessError
 from harness.run.knobs import KNOBS, Knob, KnobError
 from harness.run.settings import Request
+from harness.stream.partition import parse_shard
 
 GROUP = "merge-harness"
 
@@ -76,6 +78,17 @@ FILE_OPTIONS = (
 )
 
 
+SHARD_FLAG = "--merge-shard"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """Argparse ``type=`` of ``--merge-shard``."""
+    try:
+        return parse_shard(text)
+    except HarnessError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def argument_type(knob: Knob) -> Callable[[str], Any]:
     """An argparse ``type=`` for ``knob``: its parser, with its message on a bad value."""
 
@@ -109,6 +122,15 @@ def add_options(parser: pytest.Parser) -> None:
         group.addoption(flag, dest=dest, action="store_true", default=False, help=text)
     for flag, dest, metavar, text in FILE_OPTIONS:
         group.addoption(flag, dest=dest, default=None, metavar=metavar, help=text)
+    group.addoption(
+        SHARD_FLAG,
+        dest="merge_shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="compute part K of N of the streamed checks and write it into --merge-report;"
+        " merge-harness combine judges the parts together",
+    )
 
 
 def _path(config: pytest.Config, dest: str) -> Path | None:
@@ -196,6 +218,7 @@ def read_request(config: pytest.Config) -> Request:
         update_lock=bool(config.getoption("update_merge_lock")),
         report_path=_file(config, "merge_report"),
         summary_path=_file(config, "merge_summary"),
+        shard=config.getoption("merge_shard"),
         overrides={
             knob.name: config.getoption(knob.dest)
             for knob in KNOBS

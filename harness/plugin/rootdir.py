@@ -31,6 +31,7 @@ VALUE_FLAGS = (
     "--merge-lock",
     "--merge-report",
     "--merge-summary",
+    "--merge-shard",
 )
 
 

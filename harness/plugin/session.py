@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from harness.gate.report import summary_lines
+from harness.checks.split import fingerprint
 from harness.gate.apply import apply_gate
-from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
-from harness.run.state import State
+from harness.gate.report import summary_lines
+from harness.plugin.items import PART_PROPERTY, RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.run.result import CheckResult, Family, Outcome
+from harness.run.state import State
 
 _MARK = {
     Outcome.PASSED: "PASS",
@@ -80,11 +81,16 @@ class HarnessSession:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep each check's result (reports from xdist workers arrive here on the controller)."""
+        found = False
         for key, value in report.user_properties:
             if key == RESULT_PROPERTY:
                 check_id = "merge::" + report.nodeid.split("merge::", 1)[-1]
                 self.state.results[check_id] = CheckResult.from_json(json.loads(str(value)))
-                return
+                found = True
+            elif key == PART_PROPERTY:
+                self.state.part = json.loads(str(value))
+        if found:
+            return
         if report.when == "call" and not report.nodeid.startswith("merge::"):
             self.state.other_tests += 1
 
@@ -113,12 +119,21 @@ class HarnessSession:
         """Apply the gate once, on the controller: reports, lock file and final exit status."""
         if self.is_worker:
             return
+        if self.state.settings.report_path is not None and self.state.results:
+            # What combine compares across partial reports; a run whose inputs cannot be
+            # read has none (its checks say why).
+            try:
+                self.state.fingerprint = fingerprint(self.state.context())
+            except Exception:  # an unreadable input: its own check has reported it
+                self.state.fingerprint = None
         status = apply_gate(self.state, int(exitstatus))
         if status is not None:
             session.exitstatus = status
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         """Remove the harness's own temporary merge (never a user's folder)."""
-        workdir = self.state.settings.workdir
-        if workdir is not None and not self.is_worker and workdir.name.startswith("merge-harness-"):
-            shutil.rmtree(workdir, ignore_errors=True)
+        if self.is_worker:
+            return
+        for folder in (self.state.settings.workdir, self.state.settings.share):
+            if folder is not None and folder.name.startswith("merge-harness-"):
+                shutil.rmtree(folder, ignore_errors=True)

@@ -22,9 +22,9 @@ from harness.io.adapter import discover_base
 from harness.io.models import resolve_device
 from harness.merger import merge_checkpoint
 from harness.offline import enforce_offline
-from harness.plugin.options import read_request
-from harness.run.state import State
+from harness.plugin.options import SHARD_FLAG, read_request
 from harness.run.settings import Request, Settings, resolve
+from harness.run.state import State
 
 WORKER_KEY = "merge_harness"
 
@@ -64,6 +64,8 @@ def _prepare(config: pytest.Config) -> State:
 
 def _resolve(config: pytest.Config) -> State:
     request = read_request(config)
+    if request.shard is not None:
+        _check_shard(request)
     notes: list[str] = []
     if request.base is None and request.adapter is not None:
         try:
@@ -93,7 +95,38 @@ def _resolve(config: pytest.Config) -> State:
         request = dataclasses.replace(request, merged=target)
         notes.append(f"no --merged-model: merged with the streaming merger into {target}")
     settings = _settings(request, config, workdir)
+    peers = xdist_workers(config)
+    if peers > 1 and settings.shard is None:
+        # Workers divide the streamed pass among themselves through a private folder.
+        share = Path(tempfile.mkdtemp(prefix="merge-harness-share-"))
+        settings = dataclasses.replace(settings, share=share, peers=peers)
     return State(settings, notes=notes)
+
+
+def _check_shard(request: Request) -> None:
+    """A sharded run writes its part into the report, of a merge every job can read."""
+    flag = SHARD_FLAG
+    if request.report_path is None:
+        raise pytest.UsageError(f"{flag} needs --merge-report PATH: the part travels in it")
+    if request.merged is None:
+        raise pytest.UsageError(
+            f"{flag} needs --merged-model: every part must read the same merged checkpoint"
+        )
+    if request.update_lock:
+        raise pytest.UsageError(
+            f"{flag}: a part cannot update the lock; pass --update-merge-lock to"
+            " merge-harness combine, which sees every part"
+        )
+
+
+def xdist_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers this run starts (0 without distribution)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return 0
+    count = config.getoption("numprocesses", None)
+    if not isinstance(count, int) or config.getoption("dist", "no") == "no":
+        return 0
+    return count
 
 
 def _settings(request: Request, config: pytest.Config, workdir: Path | None) -> Settings:

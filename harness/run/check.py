@@ -20,6 +20,9 @@ class Check:
     #: Inputs (``merged``, ``base``, ``adapter``) whose unreadability this check reports; the
     #: other checks that need an unreadable input skip, naming it, instead of failing again.
     reports: frozenset[str] = frozenset()
+    #: Whether the check judges the streamed pass over the weights (digests, scans, oracle):
+    #: such checks are judged from the combined parts when the pass is divided.
+    streamed: bool = False
 
     @property
     def id(self) -> str:

@@ -34,6 +34,8 @@ class Request:
     update_lock: bool = False
     report_path: Path | None = None
     summary_path: Path | None = None
+    #: ``--merge-shard K/N``: compute part K of N of the streamed pass (None: all of it).
+    shard: tuple[int, int] | None = None
     #: Knob values given explicitly (field name -> parsed value).
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
@@ -72,6 +74,12 @@ class Settings:
     update_lock: bool = False
     report_path: Path | None = None
     summary_path: Path | None = None
+    #: ``--merge-shard K/N``: this run computes part K of N of the streamed pass only.
+    shard: tuple[int, int] | None = None
+    #: A private folder in which pytest-xdist workers share the parts of one streamed pass.
+    share: Path | None = None
+    #: How many processes share the pass through ``share``.
+    peers: int = 1
 
     def runs(self, family: Family) -> bool:
         """Whether ``family`` is selected (every family is, unless some were chosen)."""
@@ -128,6 +136,7 @@ def resolve(
         update_lock=request.update_lock,
         report_path=request.report_path,
         summary_path=request.summary_path,
+        shard=request.shard,
         **knob_values(config, request.overrides),
     )
 

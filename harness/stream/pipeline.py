@@ -242,6 +242,9 @@ class StreamPass:
         """:func:`pipeline` over ``items`` with torch single-threaded per worker.
 
         The consumer releases each item's bytes with ``self.budget.release`` when done with it.
+        A pass may run several times (the parts of a divided pass): each run gets a fresh
+        budget, since the last one was closed at its end.
         """
+        self.budget = ByteBudget(self.budget.limit)
         with single_threaded_torch():
             yield from pipeline(items, read, work, size, self.budget, self.workers)

@@ -7,7 +7,7 @@ while the next one is read. At most two tensors are held at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from harness.dtypes import FLOATING
@@ -70,13 +70,15 @@ def scan_tensor(info: TensorInfo, data: bytearray) -> Scanned:
 def scan_checkpoint(
     checkpoint: Checkpoint,
     visit: Callable[[TensorInfo, bytearray], None] | None = None,
+    names: Collection[str] | None = None,
 ) -> ScanResult:
     """Stream a checkpoint once: digest and finite-check every tensor, then call ``visit``.
 
     A reader thread stays up to two tensors ahead while a worker scans (``parallel.pipeline``);
-    ``visit`` runs here, in file order.
+    ``visit`` runs here, in file order. With ``names``, only those tensors are read (one part
+    of a divided pass; the canonical digest then covers them alone).
     """
-    order = checkpoint.in_file_order()
+    order = [i for i in checkpoint.in_file_order() if names is None or i.name in names]
     budget = ByteBudget(2 * max((info.nbytes for info in order), default=0))
 
     def read(info: TensorInfo) -> tuple[TensorInfo, bytearray]:
