@@ -63,6 +63,13 @@ CONFIG_ALLOWED = frozenset(
     }
 )
 
+#: ``config.json`` keys that trainers and exporters add to record who wrote the file, not what
+#: the model is: allowed to appear, vanish or change by default (``config_allow`` adds others).
+#: ``unsloth_version`` and ``unsloth_fixed`` are written by Unsloth's ``save_pretrained_merged``
+#: and its re-published hub models; ``_commit_hash`` by transformers 4 for a config read from the
+#: hub cache.
+CONFIG_PROVENANCE = frozenset({"unsloth_version", "unsloth_fixed", "_commit_hash"})
+
 #: Key fragments that only an unmerged PEFT model has.
 LEFTOVER_MARKERS = (
     "lora_",

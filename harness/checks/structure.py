@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.architectures import (
     CONFIG_ALLOWED,
+    CONFIG_PROVENANCE,
     INPUT_EMBEDDINGS,
     LEFTOVER_MARKERS,
     OUTPUT_HEADS,
@@ -21,6 +22,7 @@ from harness.architectures import (
 )
 from harness.checks.passes import merged_scan
 from harness.io.checkpoint import Checkpoint
+from harness.io.configs import compare_configs
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family
@@ -241,26 +243,40 @@ def _config_pair(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | CheckR
 
 
 def check_config(ctx: Context) -> CheckResult:
-    """``config.json`` differs from the base's only in allowed keys (dtype, tying, vocab...)."""
+    """``config.json`` means the base's, up to allowed keys (dtype, tying, vocab, provenance...).
+
+    Both files are read through transformers' config class for their ``model_type`` (see
+    :mod:`harness.io.configs`), so a base written by transformers 4 and a merge saved by
+    transformers 5 compare by meaning, not spelling.
+    """
     pair = _config_pair(ctx)
     if isinstance(pair, CheckResult):
         return pair
     merged, base = pair
-    allowed = CONFIG_ALLOWED | ctx.settings.config.config_allow
-    differing = sorted(
-        k for k in set(merged) | set(base) if k not in allowed and merged.get(k) != base.get(k)
+    extra = ctx.settings.config.config_allow
+    allowed = CONFIG_ALLOWED | CONFIG_PROVENANCE | extra
+    comparison = compare_configs(base, merged, allowed)
+    how = (
+        f"read as {comparison.read_as}" if comparison.read_as
+        else f"compared as written: {comparison.note or 'no common config class'}"
     )
-    if differing:
-        key = differing[0]
+    if comparison.changes:
+        first = comparison.changes[0]
         return CheckResult.failed(
-            f"config.json differs from the base in {len(differing)} key(s) outside the"
-            f" allow-list; {key!r}: base {base.get(key)!r}, merged {merged.get(key)!r}",
-            [f"{k}: {base.get(k)!r} -> {merged.get(k)!r}" for k in differing[:10]],
-            keys=differing,
+            f"config.json differs from the base in {len(comparison.changes)} key(s) outside the"
+            f" allow-list; {first.describe()} ({how})",
+            [change.describe() for change in comparison.changes[:10]],
+            keys=[change.key for change in comparison.changes],
         )
-    changed = sorted(k for k in set(merged) | set(base) if merged.get(k) != base.get(k))
-    note = f" (allowed changes: {', '.join(changed)})" if changed else ""
-    return CheckResult.passed(f"config.json matches the base{note}")
+    written = sorted(k for k in set(merged) | set(base) if merged.get(k) != base.get(k))
+    groups = [
+        ("allowed changes", [k for k in written if k in CONFIG_ALLOWED | extra]),
+        ("provenance keys", [k for k in written if k in CONFIG_PROVENANCE]),
+        ("spelled differently, same meaning",
+         [k for k in written if k not in allowed]),
+    ]
+    notes = "".join(f"; {label}: {', '.join(keys)}" for label, keys in groups if keys)
+    return CheckResult.passed(f"config.json matches the base ({how}{notes})")
 
 
 def check_tied_embeddings(ctx: Context) -> CheckResult:
