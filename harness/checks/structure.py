@@ -21,6 +21,7 @@ from harness.architectures import (
     find_suffix,
 )
 from harness.checks.passes import merged_scan
+from harness.deltas.layouts import StoredLayout
 from harness.io.checkpoint import Checkpoint
 from harness.io.configs import compare_configs
 from harness.run.check import Check
@@ -130,8 +131,23 @@ def check_same_names(ctx: Context) -> CheckResult:
             parts.append(f"{len(missing)} tensor(s) missing from the merge: {_first(missing)}")
         if extra:
             parts.append(f"{len(extra)} extra tensor(s) not in the base: {_first(extra)}")
-        return CheckResult.failed("; ".join(parts), missing=missing, extra=extra)
+        hint = _layout_hint(base, extra) or _layout_hint(merged, missing)
+        return CheckResult.failed("; ".join(parts) + hint, missing=missing, extra=extra)
     return CheckResult.passed(f"same {len(base.tensors)} tensor names as the base")
+
+
+def _layout_hint(per_expert: Checkpoint, names: list[str]) -> str:
+    """Why names differ when one checkpoint stores MoE experts fused and the other per expert."""
+    model_type = str((per_expert.config or {}).get("model_type") or "")
+    layout = StoredLayout(per_expert.tensors, model_type)
+    stacked = [n for n in names if any(p.expert is not None for p in layout.pieces(n))]
+    if not stacked:
+        return ""
+    return (
+        f" ({_first(stacked, 1)} is the other checkpoint's per-expert tensors fused into one:"
+        " one checkpoint stores the MoE experts fused, as transformers 5 does with"
+        " save_original_format=False, the other per expert; save both in the same layout)"
+    )
 
 
 def check_same_shapes(ctx: Context) -> CheckResult:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from harness.architectures import CONV1D_MODEL_TYPES, CONV1D_MODULES
 from harness.deltas.base import Edit, Target
 from harness.deltas.dora import LoraDora
+from harness.deltas.experts import plan_parameters
 from harness.deltas.lowrank import LoraBias, LoraEmbedding, LoraLinear, LoraScale
 from harness.deltas.tokens import token_rows
 from harness.errors import AdapterError, UnsupportedAdapterError
@@ -27,7 +28,6 @@ UNSUPPORTED_VARIANTS = {
     "velora_config": "VeLoRA (velora_config)",
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "kasa_config": "KaSA (kasa_config)",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora)",
 }
@@ -75,8 +75,10 @@ class LoraType:
                 "adapter type LORA with MiCA (init_lora_weights='mica') is not verifiable by"
                 " merge-harness"
             )
-        edits: list[Edit] = []
+        edits, covered = plan_parameters(adapter, index, target)
         for module, roles in sorted(adapter.layout.modules.items()):
+            if module in covered:
+                continue
             unknown = sorted(set(roles) - _LORA_ROLES)
             if unknown:
                 raise AdapterError(

@@ -215,11 +215,12 @@ class LoraLinear(Edit):
         inside the ``γ`` term of :func:`lora_slack` (``r + 1`` roundings per element at most).
         """
         key = (self.b_key, ("scaled", dtype))
+        b, a = self.factors(dtype)
         scaled = self._cache.get(key)
         if scaled is None:
-            scaled = self.load(self.b_key, dtype) * self.scale
+            scaled = b * self.scale
             self._cache[key] = scaled
-        return oriented_rows(scaled, self.load(self.a_key, dtype), rows, self.transposed)
+        return oriented_rows(scaled, a, rows, self.transposed)
 
     def delta_rows(self, rows: Rows, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the scaled delta in stored orientation, and the ``sum |B||A|`` bound."""

@@ -11,14 +11,13 @@ real fault; when none does the answer is "no known fault fits".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from harness.deltas.apply import reference_tensor
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.oracle.compare import TensorCheck
+from harness.oracle.evidence import NO_FIT, Evidence, Suspect
+from harness.oracle.partial import partial_rows
 from harness.ulp import compute_dtype, ulp
 
 if TYPE_CHECKING:
@@ -26,72 +25,7 @@ if TYPE_CHECKING:
 
     from harness.deltas import Edit, Plan
 
-#: Fraction of elements that must fit a suspect's tensor.
-FIT_FRACTION = 0.999
-NO_FIT = "no known fault fits"
-
-
-@dataclass
-class Evidence:
-    """One failed tensor: merged, base and reference values (compute dtype), edits, plan."""
-
-    check: TensorCheck
-    code: str
-    k: float
-    merged: torch.Tensor
-    base: torch.Tensor
-    edits: list[Edit]
-    plan: Plan
-    base_name: str
-    _cache: dict[str, object] = field(default_factory=dict)
-
-    @cached_property
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R, S)`` of the correct merge."""
-        if not self.edits:
-            import torch
-
-            return self.base, torch.zeros_like(self.base)
-        return reference_tensor(self.base.clone(), self.edits, self.code, self.k)
-
-    @cached_property
-    def found(self) -> torch.Tensor:
-        """``M - W``: the change the merge actually made."""
-        return self.merged - self.base
-
-    def fraction(self, expected: torch.Tensor, slack: torch.Tensor) -> float:
-        """Share of elements within twice the rounding bound of ``expected``."""
-        bound = (ulp(expected.abs() + slack, self.code) * max(self.k, 1.0) + slack) * 2
-        inside = (self.merged - expected).abs() <= bound
-        return float(inside.double().mean()) if inside.numel() else 1.0
-
-    def fits(self, expected: torch.Tensor, slack: torch.Tensor) -> bool:
-        """Whether the merged tensor is ``expected`` up to rounding."""
-        return self.fraction(expected, slack) >= FIT_FRACTION
-
-    def step_delta(self, edit: Edit) -> torch.Tensor:
-        """The change one additive edit makes in the correct reference (full tensor)."""
-        position = self.edits.index(edit)
-        before = (
-            reference_tensor(self.base.clone(), self.edits[:position], self.code, self.k)[0]
-            if position
-            else self.base
-        )
-        after = reference_tensor(before.clone(), [edit], self.code, self.k)[0]
-        return after - before
-
-    def own_delta(self, edit: Edit) -> torch.Tensor:
-        """``edit``'s change applied to this tensor's base (edits of other tensors too)."""
-        w = self.base.clone()
-        return edit.reference(w, None, slice(None), self.code).value - self.base
-
-
-@dataclass(frozen=True)
-class Suspect:
-    """A named fault and the test that recognises it (returns the finding, or None)."""
-
-    name: str
-    test: Callable[[Evidence], str | None]
+__all__ = ["NO_FIT", "SUSPECTS", "diagnose"]
 
 
 def _additive(evidence: Evidence) -> list[Edit]:
@@ -277,6 +211,7 @@ def _other_adapter(ev: Evidence) -> str | None:
 #: The suspects, tested in this order; the first that fits names the fault.
 SUSPECTS: list[Suspect] = [
     Suspect("not applied", _not_applied),
+    Suspect("applied to some rows or experts only", partial_rows),
     Suspect("wrong scale", _scaled),
     Suspect("transposed delta", _transposed),
     Suspect("DoRA magnitude ignored", _variant_ignored),

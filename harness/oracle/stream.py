@@ -19,6 +19,7 @@ from harness.io.checkpoint import Checkpoint
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.oracle.compare import Role, TensorCheck, compare_edited, compare_untouched
 from harness.oracle.diagnosis import diagnose
+from harness.oracle.partial import regroup_experts
 from harness.stream.hashing import Manifest, combine
 from harness.stream.pipeline import StreamPass
 from harness.stream.scan import NonFinite, ScanResult, scan_tensor
@@ -277,6 +278,7 @@ class OraclePass:
                 self.plan.release()
         if self.plan is not None and self.problem is None:
             result.tensors.extend(_missing(self.merged, self.base, self.plan, self.work))
+            regroup_experts(result.tensors, self.plan)
         result.seconds = time.perf_counter() - started
         if not self.scans:
             return result, None, None
