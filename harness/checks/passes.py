@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 
+from harness.deltas import Target, plan_adapters
+from harness.deltas.growth import Growths, explain_growth
+from harness.errors import HarnessError
 from harness.oracle.stream import OracleResult, run_oracle
 from harness.run.context import Context, Key
 from harness.run.result import Family
@@ -18,6 +21,7 @@ from harness.stream.scan import ScanResult, scan_checkpoint
 ORACLE: Key[OracleResult] = Key("pass:oracle")
 MERGED_SCAN: Key[ScanResult] = Key("pass:scan:merged")
 BASE_SCAN: Key[ScanResult] = Key("pass:scan:base")
+GROWTH: Key[Growths] = Key("pass:growth")
 
 
 def oracle_runs(ctx: Context) -> bool:
@@ -62,3 +66,23 @@ def base_scan(ctx: Context) -> ScanResult:
     """Digests and NaN/Inf scan of the base checkpoint (from the oracle's pass when it runs)."""
     _share_oracle_pass(ctx)
     return ctx.memo(BASE_SCAN, lambda: scan_checkpoint(ctx.base()))
+
+
+def growth(ctx: Context) -> Growths:
+    """Tensors the merge grew (a vocabulary resized before training) and what explains them.
+
+    Planned from the adapter and both checkpoints' headers; without an adapter, or with one the
+    registry cannot plan, no growth is explained (the shape checks then fail as usual).
+    """
+
+    def compute() -> Growths:
+        if not (ctx.has_base and ctx.has_adapter):
+            return Growths()
+        base = ctx.base()
+        try:
+            plan = plan_adapters([ctx.adapter()], Target(base.tensors, base.config or {}))
+        except HarnessError:
+            return Growths()
+        return explain_growth(plan, ctx.merged().tensors)
+
+    return ctx.memo(GROWTH, compute)

@@ -20,7 +20,7 @@ from harness.architectures import (
     TIE_DEFAULT,
     find_suffix,
 )
-from harness.checks.passes import merged_scan
+from harness.checks.passes import growth, merged_scan
 from harness.deltas.layouts import StoredLayout
 from harness.io.checkpoint import Checkpoint
 from harness.io.configs import compare_configs
@@ -151,22 +151,29 @@ def _layout_hint(per_expert: Checkpoint, names: list[str]) -> str:
 
 
 def check_same_shapes(ctx: Context) -> CheckResult:
-    """Every shared tensor has the base's shape."""
+    """Every shared tensor has the base's shape, or rows the adapter explains (grown vocab)."""
     pair = _pair(ctx)
     if isinstance(pair, CheckResult):
         return pair
     merged, base = pair
+    grown = growth(ctx)
     changed = [
         (n, base.tensors[n].shape, merged.tensors[n].shape)
         for n in sorted(set(base.tensors) & set(merged.tensors))
-        if base.tensors[n].shape != merged.tensors[n].shape
+        if base.tensors[n].shape != merged.tensors[n].shape and n not in grown.explained
     ]
     if changed:
         name, was, now = changed[0]
+        why = grown.unexplained.get(name)
         return CheckResult.failed(
             f"{len(changed)} tensor(s) changed shape; {name!r}: base {list(was)}, merged"
-            f" {list(now)}",
+            f" {list(now)}" + (f" -- {why}" if why else ""),
             [f"{n}: {list(a)} -> {list(b)}" for n, a, b in changed[:10]],
+        )
+    if grown.explained:
+        return CheckResult.passed(
+            "all shapes equal to the base but rows the adapter explains (a vocabulary grown"
+            f" before training): {grown.describe()}"
         )
     return CheckResult.passed("all shapes equal to the base")
 
@@ -199,7 +206,8 @@ def check_parameter_count(ctx: Context) -> CheckResult:
         return pair
     merged, base = pair
     extra = allowed_extra(merged, base)
-    count = merged.parameter_count - sum(merged.tensors[n].numel for n in extra)
+    added = _grown_elements(ctx, merged)
+    count = merged.parameter_count - sum(merged.tensors[n].numel for n in extra) - added
     if count != base.parameter_count:
         return CheckResult.failed(
             f"parameter count {count:,} differs from the base's {base.parameter_count:,}"
@@ -207,8 +215,21 @@ def check_parameter_count(ctx: Context) -> CheckResult:
             merged=count,
             base=base.parameter_count,
         )
-    note = f" (plus an untied output head of {merged.parameter_count - count:,})" if extra else ""
+    note = f" (plus an untied output head of {merged.parameter_count - count - added:,})" if (
+        extra) else ""
+    if added:
+        note += f" (plus {added:,} in rows the adapter explains: {growth(ctx).describe()})"
     return CheckResult.passed(f"{count:,} parameters, as the base{note}", parameters=count)
+
+
+def _grown_elements(ctx: Context, merged: Checkpoint, nbytes: bool = False) -> int:
+    """Elements (or bytes) the explained growths add to the merged checkpoint."""
+    total = 0
+    for name, grown in growth(ctx).explained.items():
+        info = merged.tensors[name]
+        per_row = (info.nbytes if nbytes else info.numel) // max(grown.rows, 1)
+        total += per_row * grown.extra_rows
+    return total
 
 
 def check_size_invariant(ctx: Context) -> CheckResult:
@@ -218,7 +239,8 @@ def check_size_invariant(ctx: Context) -> CheckResult:
         return pair
     merged, base = pair
     extra = allowed_extra(merged, base)
-    merged_data = merged.data_bytes - sum(merged.tensors[n].nbytes for n in extra)
+    added = _grown_elements(ctx, merged, nbytes=True)
+    merged_data = merged.data_bytes - sum(merged.tensors[n].nbytes for n in extra) - added
     headers = sum(8 + f.header_size for f in merged.files) + sum(
         8 + f.header_size for f in base.files
     )
@@ -237,7 +259,12 @@ def check_size_invariant(ctx: Context) -> CheckResult:
             f" ({ratio:.2f}x): a merge must not change the size of the weights",
             metrics=figures,
         )
-    untied = f" plus an untied head of {_human(merged.data_bytes - merged_data)}" if extra else ""
+    untied = (
+        f" plus an untied head of {_human(merged.data_bytes - merged_data - added)}" if extra
+        else ""
+    )
+    if added:
+        untied += f" plus {_human(added)} in rows the adapter explains ({growth(ctx).describe()})"
     return CheckResult.passed(
         f"same size as the base: {_human(merged_data)} of tensors{untied}, files differ by"
         f" {diff:+} header bytes. Expected: a LoRA merge adds scale*B@A into existing weights",

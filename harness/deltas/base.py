@@ -197,6 +197,10 @@ class Edit(abc.ABC):
     def check(self) -> None:  # noqa: B027 - optional hook
         """Validate shapes against the base tensor; raise AdapterError naming the module."""
 
+    def rows_needed(self) -> int:
+        """Rows the tensor must have for this edit (more than the base's: a grown vocabulary)."""
+        return self.info.shape[0] if self.info.shape else 0
+
 
 def row_positions(rows: Rows, count: int) -> dict[int, int]:
     """Stored row number -> position in the block, for a slice or a tensor of row numbers."""

@@ -128,12 +128,12 @@ class LoraType:
         out_features, in_features = b_info.shape[0], a_info.shape[1]
         if embedding:
             # Embedding weights are (num_embeddings, dim) and the delta is (B @ A).T: the
-            # orientation of a Conv1D.
-            if info.shape != (in_features, out_features):
+            # orientation of a Conv1D. More rows than the base: a vocabulary grown before
+            # training, which a copy of the resized embedding must explain (deltas.growth).
+            if info.shape[1:] != (out_features,) or in_features < info.shape[0]:
                 raise AdapterError(
                     f"adapter module {module!r}: embedding delta is {in_features}x{out_features}"
-                    f" but the base weight is {'x'.join(map(str, info.shape))} (resized"
-                    " vocabulary?)"
+                    f" but the base weight is {'x'.join(map(str, info.shape))}"
                 )
             transposed = True
         else:

@@ -292,6 +292,10 @@ class LoraEmbedding(LoraLinear):
 
     kind: ClassVar[str] = "lora-embedding"
 
+    def rows_needed(self) -> int:
+        """One row per embedding ``lora_embedding_A`` spans (more when the vocabulary grew)."""
+        return int(self.adapter.tensors[self.a_key].shape[1])
+
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         """Peft's ``Embedding.merge``: the delta is rounded to the stored dtype first."""
         w += self.peft_delta().to(w.dtype)
