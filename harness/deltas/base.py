@@ -190,6 +190,13 @@ class Edit(abc.ABC):
         """Named wrong scale factors a faulty merger might have used (additive edits only)."""
         return []
 
+    def rounded(self, code: str) -> Edit | None:
+        """The edit as peft computes it with its factors held in the stored dtype ``code``.
+
+        None: the type has no such documented path.
+        """
+        return None
+
     def without_variant(self) -> Edit | None:
         """The edit a merger that ignores the variant computes (DoRA -> LoRA), or None."""
         return None

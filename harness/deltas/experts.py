@@ -137,7 +137,7 @@ class ExpertLora(_ParamEdit):
         Stored ``(out, in)`` (swapped) the part's rows are rows of ``B_e``; stored ``(in, out)``
         they are columns of ``A_e`` (the delta is transposed).
         """
-        b_e, a_e = expert_factors(self.load(self.b_key, dtype), self.load(self.a_key, dtype),
+        b_e, a_e = expert_factors(self.held(self.b_key, dtype), self.held(self.a_key, dtype),
                                   self.experts, self.expert)
         if self.swapped:
             return b_e[self.rows], a_e

@@ -16,6 +16,7 @@ Semantics follow peft 0.21's ``tuners/lora/layer.py`` and ``variants.py``:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +27,7 @@ from harness.deltas.base import (
     oriented_rows,
     outer_norms,
 )
+from harness.dtypes import torch_dtype_name
 from harness.errors import AdapterError
 from harness.io.adapter import pattern_key
 from harness.stream.pipeline import workspace
@@ -39,6 +41,17 @@ if TYPE_CHECKING:
 
 #: How much a fault may be rounded away: the delta term allows the stored-dtype delta path.
 DELTA_ULPS = 1.5
+#: The delta term when the factors themselves are held in the stored dtype (see
+#: :meth:`LoraLinear.rounded`): the product ``B @ A`` may be rounded to it (at most ``|s|/2``
+#: ulp of the product, which is at most one ulp of the delta), then the scaling (half an ulp),
+#: then the delta before the add (half an ulp).
+ROUNDED_DELTA_ULPS = 2.0
+#: The arithmetic a merge with half-precision factors follows, as reports name it.
+ROUNDED_FACTORS = (
+    "LoRA factors held in {dtype} at merge time (PeftModel.from_pretrained(...,"
+    " autocast_adapter_dtype=False), .to(torch.{torch}) before merging, or a PiSSA/OLoRA adapter"
+    " converted and merged in {dtype}): W + s * {dtype}(B) @ {dtype}(A), the product rounded"
+)
 
 
 def _lora_dtype(adapter: Adapter, key: str) -> torch.dtype:
@@ -133,6 +146,7 @@ def lora_slack(
     rank: int,
     scale: float,
     code: str,
+    delta_ulps: float = DELTA_ULPS,
 ) -> torch.Tensor:
     """Bound on a correct merge's pre-rounding error for an additive low-rank delta.
 
@@ -143,7 +157,7 @@ def lora_slack(
     Cauchy-Schwarz); ``2 u_c (|W| + |delta|)``: the fp32 add and the reference's own add.
     """
     u_c = compute_roundoff(code)
-    slack = ulp(delta, code).mul_(DELTA_ULPS)
+    slack = ulp(delta, code).mul_(delta_ulps)
     slack.add_(products, alpha=(gamma(rank, U32) + gamma(rank + 1, u_c)) * abs(scale))
     slack.add_(w.abs().add_(delta.abs()), alpha=2 * u_c)
     return slack
@@ -155,6 +169,10 @@ class LoraLinear(Edit):
     kind: ClassVar[str] = "lora"
     additive: ClassVar[bool] = True
     scale: float
+    #: The dtype the factors are rounded to before the product (None: used as saved).
+    factor_code: str | None = None
+    #: Ulps of the delta a correct implementation may be off by (see :func:`lora_slack`).
+    delta_ulps: float = DELTA_ULPS
 
     def __init__(
         self,
@@ -204,9 +222,42 @@ class LoraLinear(Edit):
         """See :meth:`LoraScale.alternatives`."""
         return self.settings.alternatives()
 
+    def held(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """An adapter factor in ``dtype``, first rounded to :attr:`factor_code` when set."""
+        if self.factor_code is None:
+            return self.load(key, dtype)
+        import torch
+
+        cache = (key, ("rounded", dtype))
+        value = self._cache.get(cache)
+        if value is None:
+            held = getattr(torch, torch_dtype_name(self.factor_code))
+            value = self.adapter.tensor(key).to(held).to(dtype)
+            self._cache[cache] = value
+        return value
+
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` in ``dtype``: ``(out, r)`` and ``(r, in)``."""
-        return self.load(self.b_key, dtype), self.load(self.a_key, dtype)
+        return self.held(self.b_key, dtype), self.held(self.a_key, dtype)
+
+    def rounded(self, code: str) -> LoraLinear | None:
+        """The LoRA computed from factors held in the stored dtype ``code`` (half precision).
+
+        peft casts the factors to the base layer's dtype when they are loaded with
+        ``autocast_adapter_dtype=False`` or the model is cast with ``.to(torch.bfloat16)``:
+        ``W + s * B' @ A'`` with ``B'``, ``A'`` rounded, the product rounded again on
+        accelerators. None when the factors are saved in that dtype already (nothing rounds) or
+        the checkpoint is not half precision.
+        """
+        if code not in ("BF16", "F16") or self.factor_code is not None:
+            return None
+        if all(self.adapter.tensors[k].dtype == code for k in (self.a_key, self.b_key)):
+            return None
+        twin = copy.copy(self)
+        twin._cache = {}
+        twin.factor_code = code
+        twin.delta_ulps = ROUNDED_DELTA_ULPS
+        return twin
 
     def scaled_rows(self, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """Rows of ``(s * B) @ A`` in stored orientation: the reference delta.
@@ -241,7 +292,8 @@ class LoraLinear(Edit):
     ) -> Step:
         """``W + s * B @ A`` (transposed for Conv1D/embeddings) with :func:`lora_slack`."""
         delta, products = self.delta_rows(rows, w.dtype)
-        bound = lora_slack(delta, w, products, self.settings.r, self.scale, code)
+        bound = lora_slack(delta, w, products, self.settings.r, self.scale, code,
+                           self.delta_ulps)
         if incoming is not None:
             bound.add_(incoming)
         return Step(w + delta, bound)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.deltas.apply import reference_rows, value_rows
+from harness.deltas.apply import reference_rows, rounded_paths, value_rows
+from harness.deltas.lowrank import ROUNDED_FACTORS
 from harness.dtypes import FLOATING, torch_dtype_name
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.ulp import compute_dtype, ulp
@@ -94,6 +95,8 @@ class TensorCheck:
     error_norm: float = 0.0
     diagnosis: str | None = None
     note: str | None = None
+    #: The peft arithmetic the tensor was judged by when it is not the default one.
+    arithmetic: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,6 +121,7 @@ class TensorCheck:
             "max_ulp": self.max_ulp,
             "bound_use": self.bound_use,
             "ok": self.ok,
+            "arithmetic": self.arithmetic,
         }
 
 
@@ -325,6 +329,38 @@ def compare_edited(
     if check.changed == 0 and check.expected_norm > 0 and check.ok:
         check.note = f"the delta is below {code} resolution everywhere: a correct merge is a no-op"
     return check
+
+
+def compare_judged(
+    name: str,
+    merged: torch.Tensor,
+    base: torch.Tensor,
+    edits: Sequence[Edit],
+    code: str,
+    k: float,
+    role: Role = Role.TARGETED,
+) -> TensorCheck:
+    """:func:`compare_edited`, then by the arithmetic of a recognised peft path if that fails.
+
+    The recognised path: LoRA factors held in the stored half-precision dtype when merging
+    (``autocast_adapter_dtype=False``, ``.to(torch.bfloat16)``, PiSSA/OLoRA converted in bf16).
+    Its reference uses the rounded factors and its bound the roundings that path adds
+    (:data:`~harness.deltas.lowrank.ROUNDED_DELTA_ULPS`); the change requirement applies as
+    ever, so a no-op merge of a tiny delta still fails. The tensor passes by that path only
+    when every element fits it, and says so in :attr:`TensorCheck.arithmetic`.
+    """
+    check = compare_edited(name, merged, base, edits, code, k, role)
+    if check.ok or check.nonfinite:
+        return check
+    twins = rounded_paths(edits, code)
+    if twins is None:
+        return check
+    other = compare_edited(name, merged, base, twins, code, k, role)
+    if not other.ok:
+        return check
+    short = DTYPE_NAMES.get(code, code)
+    other.arithmetic = ROUNDED_FACTORS.format(dtype=short, torch=torch_dtype_name(code))
+    return other
 
 
 def compare_untouched(

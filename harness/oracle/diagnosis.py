@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from harness.deltas.apply import rounded_paths
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.oracle.compare import TensorCheck
 from harness.oracle.evidence import NO_FIT, Evidence, Suspect
@@ -237,16 +238,22 @@ def diagnose(
         return NO_FIT
     code = info.dtype
     cd = compute_dtype(code)
-    evidence = Evidence(
-        check,
-        code,
-        k,
-        tensor_from_bytes(info, merged).to(cd),
-        tensor_from_bytes(base_info, base).to(cd),
-        list(edits),
-        plan,
-        base_info.name,
-    )
+    merged_values = tensor_from_bytes(info, merged).to(cd)
+    base_values = tensor_from_bytes(base_info, base).to(cd)
+    found = _first_fit(Evidence(check, code, k, merged_values, base_values, list(edits), plan,
+                                base_info.name))
+    if found is None:
+        # the same fault in a merge that held its factors in the stored dtype
+        twins = rounded_paths(edits, code)
+        if twins is not None:
+            found = _first_fit(Evidence(check, code, k, merged_values, base_values, twins, plan,
+                                        base_info.name))
+            if found is not None:
+                found += f" (a merge with the LoRA factors held in {code.lower()})"
+    return found or NO_FIT
+
+
+def _first_fit(evidence: Evidence) -> str | None:
     for suspect in SUSPECTS:
         try:
             found = suspect.test(evidence)
@@ -254,4 +261,4 @@ def diagnose(
             found = None
         if found:
             return found
-    return NO_FIT
+    return None

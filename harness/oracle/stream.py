@@ -19,7 +19,7 @@ from harness.dtypes import FLOATING
 from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
-from harness.oracle.compare import Role, TensorCheck, compare_edited, compare_untouched
+from harness.oracle.compare import Role, TensorCheck, compare_judged, compare_untouched
 from harness.oracle.diagnosis import diagnose
 from harness.oracle.partial import regroup_experts
 from harness.stream.hashing import Manifest, combine
@@ -159,7 +159,7 @@ def _check_one(
         raise HarnessError(f"{info.name}: the adapter changes a {info.dtype} tensor")
     merged = tensor_from_bytes(info, data)
     base_tensor = tensor_from_bytes(base_info, other)
-    return compare_edited(job.name, merged, base_tensor, job.edits, info.dtype, k,
+    return compare_judged(job.name, merged, base_tensor, job.edits, info.dtype, k,
                           role_of(job.edits))
 
 
