@@ -96,19 +96,25 @@ class LoraScale:
             text += f" alpha_pattern[{self.alpha_key!r}]"
         return text
 
-    def alternatives(self) -> list[tuple[str, float]]:
+    def alternatives(self, kind: str = "lora") -> list[tuple[str, float]]:
         """Wrong scales a faulty merger produces, as factors of the right one, with names.
 
-        Specific causes come first (rsLoRA, patterns), generic factors after; causes that give
-        the same factor are named together (with ``r = 4``, doubling is also ``sqrt(r)``).
+        Only faults the adapter type ``kind`` can have are offered: rsLoRA and the rank/alpha
+        patterns belong to LoRA; a LoHa or LoKr merger can instead scale both factors of its
+        Hadamard or Kronecker product (``s**2``). Specific causes come first, generic factors
+        after; causes that give the same factor are named together (with ``r = 4``, doubling is
+        also ``sqrt(r)``).
         """
         s = self.value
         root = math.sqrt(self.r)
         found: list[tuple[str, float]] = [("sign flipped (delta subtracted)", -1.0)]
-        if self.rslora:
+        lora = kind not in _PRODUCT_FACTORS
+        if lora and self.rslora:
             found.append(("rsLoRA ignored: alpha/r used instead of alpha/sqrt(r)", 1 / root))
-        else:
+        elif lora:
             found.append(("rsLoRA scaling alpha/sqrt(r) used instead of alpha/r", root))
+        else:
+            found.append((f"scale applied to both {_PRODUCT_FACTORS[kind]} factors (s^2)", s))
         if s:
             if self.r_key is not None:
                 wrong = self.scale(self.default_r, self.alpha)
@@ -124,8 +130,10 @@ class LoraScale:
         found += [
             ("delta applied twice (or scale doubled)", 2.0),
             ("scale halved", 0.5),
-            ("scale off by sqrt(r)", root),
-            ("scale off by 1/sqrt(r)", 1 / root),
+        ]
+        if lora:
+            found += [("scale off by sqrt(r)", root), ("scale off by 1/sqrt(r)", 1 / root)]
+        found += [
             ("scale off by r (alpha used as the scale)", float(self.r)),
             ("scale off by 1/r", 1 / self.r),
         ]
@@ -137,6 +145,10 @@ class LoraScale:
             if label not in merged.setdefault(key, []):
                 merged[key].append(label)
         return [(" or ".join(labels), factor) for factor, labels in merged.items()]
+
+
+#: Adapter kinds whose delta is a product of two factors, and the product's name.
+_PRODUCT_FACTORS = {"loha": "Hadamard", "lokr": "Kronecker"}
 
 
 def lora_slack(

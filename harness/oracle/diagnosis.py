@@ -92,6 +92,18 @@ def _variant_ignored(ev: Evidence) -> str | None:
     return None
 
 
+def _ia3_twice(ev: Evidence) -> str | None:
+    """An (IA)^3 vector multiplied in twice (``W * l * l``): merged twice, or on a merge."""
+    for edit in ev.edits:
+        if edit.kind != "ia3":
+            continue
+        once = edit.reference(ev.base.clone(), None, slice(None), ev.code)
+        twice = edit.reference(once.value, once.bound, slice(None), ev.code)
+        if ev.fits(twice.value, twice.bound):
+            return f"IA3 vector applied twice in {edit.module} (W * l * l)"
+    return None
+
+
 def _candidates(ev: Evidence) -> Iterator[Edit]:
     """Additive edits of *other* tensors whose delta has this tensor's shape."""
     mine = {id(e) for e in ev.edits}
@@ -216,6 +228,7 @@ SUSPECTS: list[Suspect] = [
     Suspect("wrong scale", _scaled),
     Suspect("transposed delta", _transposed),
     Suspect("DoRA magnitude ignored", _variant_ignored),
+    Suspect("IA3 vector applied twice", _ia3_twice),
     Suspect("delta from another layer", _wrong_layer),
     Suspect("non-target tensor modified", _non_target),
     Suspect("scale off by a factor", _fitted_scale),

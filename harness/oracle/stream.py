@@ -19,6 +19,7 @@ from harness.dtypes import FLOATING
 from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
+from harness.oracle.bases import diagnose_base
 from harness.oracle.compare import Role, TensorCheck, compare_judged, compare_untouched
 from harness.oracle.diagnosis import diagnose
 from harness.oracle.partial import regroup_experts
@@ -304,6 +305,9 @@ class OraclePass:
         if self.plan is not None and self.problem is None:
             result.tensors.extend(_missing(self.merged, self.base, self.plan, self.work))
             regroup_experts(result.tensors, self.plan)
+            cause = diagnose_base(result.tensors, self.plan, self.merged, self.base, self.k)
+            if cause is not None:
+                result.notes.append(cause)
         result.seconds = time.perf_counter() - started
         if not self.scans:
             return result, None, None
