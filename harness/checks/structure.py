@@ -132,7 +132,7 @@ def check_same_names(ctx: Context) -> CheckResult:
         if extra:
             parts.append(f"{len(extra)} extra tensor(s) not in the base: {_first(extra)}")
         hint = _layout_hint(base, extra) or _layout_hint(merged, missing)
-        return CheckResult.failed("; ".join(parts) + hint, missing=missing, extra=extra)
+        return CheckResult.failed(hint + "; ".join(parts), missing=missing, extra=extra)
     return CheckResult.passed(f"same {len(base.tensors)} tensor names as the base")
 
 
@@ -144,9 +144,9 @@ def _layout_hint(per_expert: Checkpoint, names: list[str]) -> str:
     if not stacked:
         return ""
     return (
-        f" ({_first(stacked, 1)} is the other checkpoint's per-expert tensors fused into one:"
-        " one checkpoint stores the MoE experts fused, as transformers 5 does with"
-        " save_original_format=False, the other per expert; save both in the same layout)"
+        f"{stacked[0]!r} is the other checkpoint's per-expert tensors fused into one: one"
+        " checkpoint stores the MoE experts fused (transformers 5 with"
+        " save_original_format=False), the other per expert; save both in the same layout. "
     )
 
 
