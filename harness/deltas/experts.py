@@ -292,6 +292,8 @@ def _fits(adapter: Adapter, roles: dict[str, str], shape: tuple[int, ...]) -> bo
 
 def plan_parameters(adapter: Adapter, index: int, target: Target) -> tuple[list[Edit], set[str]]:
     """The edits of every ``target_parameters`` LoRA, and the adapter modules they cover."""
+    if not adapter.config.get("target_parameters"):
+        return [], set()  # without reading the layout (it imports transformers)
     layout = target.layout
     edits: list[Edit] = []
     covered: set[str] = set()
