@@ -27,6 +27,22 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 #: Their ``Conv1D`` module names.
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "q_attn", "c_fc"})
 
+#: Fused projections (module name -> the parts of its output rows, in order): attention
+#: ``q, k, v`` (``q`` has ``heads x head_dim`` rows, ``k`` and ``v`` ``key/value heads x
+#: head_dim``) or the MLP's ``gate, up`` halves.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q", "k", "v"),
+    "query_key_value": ("q", "k", "v"),
+    "W_pack": ("q", "k", "v"),
+    "c_attn": ("q", "k", "v"),
+    "gate_up_proj": ("gate", "up"),
+}
+
+#: Architectures whose fused expert stacks are stored ``(experts, in, out)`` (transformers'
+#: ``use_experts_implementation(is_transposed=True)``); the others store ``(experts, out, in)``.
+#: Read only when a stack is square and its shape cannot tell.
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+
 #: Encoders (BERT-like) pool the first token, so padding never confuses their classifiers.
 ENCODER_MODEL_TYPES = frozenset(
     {
@@ -62,6 +78,13 @@ CONFIG_ALLOWED = frozenset(
         "return_dict",
     }
 )
+
+#: ``config.json`` keys that trainers and exporters add to record who wrote the file, not what
+#: the model is: allowed to appear, vanish or change by default (``config_allow`` adds others).
+#: ``unsloth_version`` and ``unsloth_fixed`` are written by Unsloth's ``save_pretrained_merged``
+#: and its re-published hub models; ``_commit_hash`` by transformers 4 for a config read from the
+#: hub cache.
+CONFIG_PROVENANCE = frozenset({"unsloth_version", "unsloth_fixed", "_commit_hash"})
 
 #: Key fragments that only an unmerged PEFT model has.
 LEFTOVER_MARKERS = (

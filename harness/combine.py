@@ -26,13 +26,14 @@ from typing import Any
 
 from harness.checks import FAMILIES, build_suite
 from harness.checks.passes import BASE_SCAN, MERGED_SCAN, ORACLE
-from harness.checks.split import ADAPTER_DIGEST, config_digest
+from harness.checks.split import ADAPTER_DIGEST, config_digest, fingerprint
 from harness.errors import HarnessError, one_line
 from harness.gate.apply import apply_gate
 from harness.gate.junit import write_junit
 from harness.gate.report import SCHEMA, SCHEMA_VERSION, harness_version, summary_lines
 from harness.io.files import read_json
 from harness.oracle.parts import Combined, PartResult, combine_parts
+from harness.oracle.stream import OraclePass
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family, Outcome
@@ -218,8 +219,33 @@ def _recorded(suite: Sequence[Check], inputs: Inputs) -> dict[str, CheckResult]:
     return results
 
 
+def _finish(settings: Settings, combined: Combined, recorded: Mapping[str, str]) -> str | None:
+    """Name the causes that need every tensor's verdict (experts, a wrong base) when tensors
+    failed; they re-read a few tensors, so the models must be at the recorded paths.
+
+    Returns a note when they are not (the verdicts stand; only those causes go unnamed).
+    """
+    found = combined.oracle
+    if found is None or all(t.ok for t in found.tensors):
+        return None
+    ctx = Context(settings)
+    try:
+        same = {k: v for k, v in fingerprint(ctx).items() if k in ("merged", "base", "adapter")}
+        if any(recorded.get(k) != v for k, v in same.items()):
+            return "the models at the recorded paths are not the ones the parts read"
+        whole = OraclePass(ctx.merged(), ctx.base(), [ctx.adapter()], found.k, scans=False,
+                           workers=1)
+        whole.finish(found)
+    except Exception as exc:
+        return (
+            "causes that need several tensors (experts left unmerged, another base) were not"
+            f" looked for: the models cannot be read here ({one_line(exc)})"
+        )
+    return None
+
+
 def _judge(suite: Sequence[Check], settings: Settings, combined: Combined,
-           fingerprint: Mapping[str, str]) -> dict[str, CheckResult]:
+           recorded: Mapping[str, str]) -> dict[str, CheckResult]:
     """Run the streamed checks on the combined pass (nothing is read from the models)."""
     from harness.run.runner import run_check
 
@@ -229,8 +255,8 @@ def _judge(suite: Sequence[Check], settings: Settings, combined: Combined,
     ctx.seed(MERGED_SCAN, combined.merged)
     if combined.base is not None:
         ctx.seed(BASE_SCAN, combined.base)
-    if "adapter" in fingerprint:
-        ctx.seed(ADAPTER_DIGEST, fingerprint["adapter"])
+    if "adapter" in recorded:
+        ctx.seed(ADAPTER_DIGEST, recorded["adapter"])
     return {c.id: run_check(c, ctx) for c in suite if c.streamed}
 
 
@@ -246,6 +272,7 @@ def combine_run(args: argparse.Namespace) -> tuple[State, int]:
     except HarnessError as exc:
         state = _refused(args, one_line(exc))
         return state, apply_gate(state, 0) or 0
+    note = _finish(settings, combined, inputs.fingerprint)
     results.update(_judge(suite, settings, combined, inputs.fingerprint))
     results[PARTS_CHECK.id] = CheckResult.passed(
         f"{len(inputs.parts)} part(s) of one plan and {len(inputs.reports) - len(inputs.parts)}"
@@ -255,6 +282,8 @@ def combine_run(args: argparse.Namespace) -> tuple[State, int]:
     )
     state = State(settings, [PARTS_CHECK, *suite], results, fingerprint=inputs.fingerprint)
     state.notes.append(f"combined: {', '.join(p.name for p in paths)}")
+    if note is not None:
+        state.notes.append(note)
     return state, apply_gate(state, 0) or 0
 
 

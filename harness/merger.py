@@ -29,6 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from harness.deltas import Plan, Target, plan_adapters
+from harness.deltas.growth import needed_rows
 from harness.errors import MergeError
 from harness.io.adapter import Adapter
 from harness.io.checkpoint import INDEX_FILE, Checkpoint
@@ -136,6 +137,14 @@ def merge_checkpoint(
     checkpoint = Checkpoint.open(base_path, allow_pickle=allow_pickle)
     adapters = [Adapter.open(p, allow_pickle=allow_pickle) for p in adapter_paths]
     plan = plan_adapters(adapters, Target(checkpoint.tensors, checkpoint.config or {}))
+    grown = needed_rows(plan)
+    if grown:
+        name, (rows, needed) = sorted(grown.items())[0]
+        raise MergeError(
+            f"the adapter was trained on a resized vocabulary ({name}: {needed} rows, the base"
+            f" has {rows}); merge-harness merge does not resize: call resize_token_embeddings"
+            " and merge with peft, then verify the result against this base"
+        )
     untie = _untie(plan)
     extra: dict[str, Entry] = {}
     source = plan.target.tie_source

@@ -127,6 +127,26 @@ ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+_MOE = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=128,
+            tie_word_embeddings=False, num_experts_per_tok=2)
+#: Mixture-of-experts decoders (4 experts): transformers 5 fuses their experts into 3-d
+#: parameters that LoRA adapts through ``target_parameters`` (:data:`MOE_PARAMETERS`). Not drawn
+#: by the default strategies.
+MOE: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, moe_intermediate_size=24, num_experts=4)),
+    "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4)),
+    "gpt_oss": ("GptOssConfig", dict(_MOE, num_local_experts=4, layer_types=[
+        "sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
+                                                                 "rope_theta": 150000.0})),
+}
+#: Each MoE architecture's ``target_parameters``: the two expert stacks, then the router.
+MOE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+    "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"),
+}
+
 
 @dataclass(frozen=True)
 class Modules:
@@ -167,6 +187,7 @@ MODULES: dict[str, Modules] = {
         tied=False,
         classifier="classifier",
     ),
+    **{arch: Modules(_DECODER[:4], "embed_tokens", "lm_head", tied=False) for arch in MOE},
 }
 
 #: Tasks the tiny builders support (peft ``task_type`` names).
@@ -181,7 +202,7 @@ def model_config(arch: str = "llama", **overrides: Any) -> Any:
     """A transformers config for a tiny model of ``arch``."""
     import transformers
 
-    table = ARCHITECTURES.get(arch) or ENCODERS.get(arch)
+    table = ARCHITECTURES.get(arch) or ENCODERS.get(arch) or MOE.get(arch)
     if table is None:
         raise KeyError(
             f"unknown tiny architecture {arch!r} (known: {', '.join(all_architectures())})"
@@ -191,8 +212,8 @@ def model_config(arch: str = "llama", **overrides: Any) -> Any:
 
 
 def all_architectures() -> tuple[str, ...]:
-    """Every tiny architecture: the causal LMs, then the encoders."""
-    return (*ARCHITECTURES, *ENCODERS)
+    """Every tiny architecture: the causal LMs, the encoders, then the MoE decoders."""
+    return (*ARCHITECTURES, *ENCODERS, *MOE)
 
 
 def build_base(
@@ -367,7 +388,7 @@ class ModelSpec:
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES and self.arch not in ENCODERS:
+        if self.arch not in all_architectures():
             raise ValueError(f"unknown tiny architecture {self.arch!r}")
         if self.dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")

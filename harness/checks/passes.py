@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 
 from harness.checks.split import shared_pass, uses_oracle
+from harness.deltas import Target, plan_adapters
+from harness.deltas.growth import Growths, explain_growth
 from harness.errors import HarnessError
 from harness.oracle.parts import Combined
 from harness.oracle.stream import OracleResult, run_oracle
@@ -21,6 +23,7 @@ from harness.stream.scan import ScanResult, scan_checkpoint
 ORACLE: Key[OracleResult] = Key("pass:oracle")
 MERGED_SCAN: Key[ScanResult] = Key("pass:scan:merged")
 BASE_SCAN: Key[ScanResult] = Key("pass:scan:base")
+GROWTH: Key[Growths] = Key("pass:growth")
 
 #: Whether the weights family will run the oracle (base and adapter given, selected).
 oracle_runs = uses_oracle
@@ -92,3 +95,23 @@ def base_scan(ctx: Context) -> ScanResult:
         return ctx.memo(BASE_SCAN, shared_base)
     _share_oracle_pass(ctx)
     return ctx.memo(BASE_SCAN, lambda: scan_checkpoint(ctx.base()))
+
+
+def growth(ctx: Context) -> Growths:
+    """Tensors the merge grew (a vocabulary resized before training) and what explains them.
+
+    Planned from the adapter and both checkpoints' headers; without an adapter, or with one the
+    registry cannot plan, no growth is explained (the shape checks then fail as usual).
+    """
+
+    def compute() -> Growths:
+        if not (ctx.has_base and ctx.has_adapter):
+            return Growths()
+        base = ctx.base()
+        try:
+            plan = plan_adapters([ctx.adapter()], Target(base.tensors, base.config or {}))
+        except HarnessError:
+            return Growths()
+        return explain_growth(plan, ctx.merged().tensors)
+
+    return ctx.memo(GROWTH, compute)

@@ -254,7 +254,10 @@ def shared_pass(ctx: Context, folder: Path, workers: int) -> Combined:
                 taken = _take(folder, stems[part.index], compute_one, wait=wait)
                 if taken is not None:
                     found[part.index] = taken
-        return combine_parts([(f"part {i}", found[i]) for i in sorted(found)])
+        combined = combine_parts([(f"part {i}", found[i]) for i in sorted(found)])
+        if divided.oracle is not None and combined.oracle is not None:
+            divided.oracle.finish(combined.oracle)
+        return combined
 
     return ctx.memo(SHARED, compute)
 

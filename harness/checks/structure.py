@@ -13,14 +13,17 @@ from typing import Any
 
 from harness.architectures import (
     CONFIG_ALLOWED,
+    CONFIG_PROVENANCE,
     INPUT_EMBEDDINGS,
     LEFTOVER_MARKERS,
     OUTPUT_HEADS,
     TIE_DEFAULT,
     find_suffix,
 )
-from harness.checks.passes import merged_scan
+from harness.checks.passes import growth, merged_scan
+from harness.deltas.layouts import StoredLayout
 from harness.io.checkpoint import Checkpoint
+from harness.io.configs import compare_configs
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family
@@ -128,27 +131,49 @@ def check_same_names(ctx: Context) -> CheckResult:
             parts.append(f"{len(missing)} tensor(s) missing from the merge: {_first(missing)}")
         if extra:
             parts.append(f"{len(extra)} extra tensor(s) not in the base: {_first(extra)}")
-        return CheckResult.failed("; ".join(parts), missing=missing, extra=extra)
+        hint = _layout_hint(base, extra) or _layout_hint(merged, missing)
+        return CheckResult.failed(hint + "; ".join(parts), missing=missing, extra=extra)
     return CheckResult.passed(f"same {len(base.tensors)} tensor names as the base")
 
 
+def _layout_hint(per_expert: Checkpoint, names: list[str]) -> str:
+    """Why names differ when one checkpoint stores MoE experts fused and the other per expert."""
+    model_type = str((per_expert.config or {}).get("model_type") or "")
+    layout = StoredLayout(per_expert.tensors, model_type)
+    stacked = [n for n in names if any(p.expert is not None for p in layout.pieces(n))]
+    if not stacked:
+        return ""
+    return (
+        f"{stacked[0]!r} is the other checkpoint's per-expert tensors fused into one: one"
+        " checkpoint stores the MoE experts fused (transformers 5 with"
+        " save_original_format=False), the other per expert; save both in the same layout. "
+    )
+
+
 def check_same_shapes(ctx: Context) -> CheckResult:
-    """Every shared tensor has the base's shape."""
+    """Every shared tensor has the base's shape, or rows the adapter explains (grown vocab)."""
     pair = _pair(ctx)
     if isinstance(pair, CheckResult):
         return pair
     merged, base = pair
+    grown = growth(ctx)
     changed = [
         (n, base.tensors[n].shape, merged.tensors[n].shape)
         for n in sorted(set(base.tensors) & set(merged.tensors))
-        if base.tensors[n].shape != merged.tensors[n].shape
+        if base.tensors[n].shape != merged.tensors[n].shape and n not in grown.explained
     ]
     if changed:
         name, was, now = changed[0]
+        why = grown.unexplained.get(name)
         return CheckResult.failed(
             f"{len(changed)} tensor(s) changed shape; {name!r}: base {list(was)}, merged"
-            f" {list(now)}",
+            f" {list(now)}" + (f" -- {why}" if why else ""),
             [f"{n}: {list(a)} -> {list(b)}" for n, a, b in changed[:10]],
+        )
+    if grown.explained:
+        return CheckResult.passed(
+            "all shapes equal to the base but rows the adapter explains (a vocabulary grown"
+            f" before training): {grown.describe()}"
         )
     return CheckResult.passed("all shapes equal to the base")
 
@@ -181,7 +206,8 @@ def check_parameter_count(ctx: Context) -> CheckResult:
         return pair
     merged, base = pair
     extra = allowed_extra(merged, base)
-    count = merged.parameter_count - sum(merged.tensors[n].numel for n in extra)
+    added = _grown_elements(ctx, merged)
+    count = merged.parameter_count - sum(merged.tensors[n].numel for n in extra) - added
     if count != base.parameter_count:
         return CheckResult.failed(
             f"parameter count {count:,} differs from the base's {base.parameter_count:,}"
@@ -189,8 +215,21 @@ def check_parameter_count(ctx: Context) -> CheckResult:
             merged=count,
             base=base.parameter_count,
         )
-    note = f" (plus an untied output head of {merged.parameter_count - count:,})" if extra else ""
+    note = f" (plus an untied output head of {merged.parameter_count - count - added:,})" if (
+        extra) else ""
+    if added:
+        note += f" (plus {added:,} in rows the adapter explains: {growth(ctx).describe()})"
     return CheckResult.passed(f"{count:,} parameters, as the base{note}", parameters=count)
+
+
+def _grown_elements(ctx: Context, merged: Checkpoint, nbytes: bool = False) -> int:
+    """Elements (or bytes) the explained growths add to the merged checkpoint."""
+    total = 0
+    for name, grown in growth(ctx).explained.items():
+        info = merged.tensors[name]
+        per_row = (info.nbytes if nbytes else info.numel) // max(grown.rows, 1)
+        total += per_row * grown.extra_rows
+    return total
 
 
 def check_size_invariant(ctx: Context) -> CheckResult:
@@ -200,7 +239,8 @@ def check_size_invariant(ctx: Context) -> CheckResult:
         return pair
     merged, base = pair
     extra = allowed_extra(merged, base)
-    merged_data = merged.data_bytes - sum(merged.tensors[n].nbytes for n in extra)
+    added = _grown_elements(ctx, merged, nbytes=True)
+    merged_data = merged.data_bytes - sum(merged.tensors[n].nbytes for n in extra) - added
     headers = sum(8 + f.header_size for f in merged.files) + sum(
         8 + f.header_size for f in base.files
     )
@@ -219,7 +259,12 @@ def check_size_invariant(ctx: Context) -> CheckResult:
             f" ({ratio:.2f}x): a merge must not change the size of the weights",
             metrics=figures,
         )
-    untied = f" plus an untied head of {_human(merged.data_bytes - merged_data)}" if extra else ""
+    untied = (
+        f" plus an untied head of {_human(merged.data_bytes - merged_data - added)}" if extra
+        else ""
+    )
+    if added:
+        untied += f" plus {_human(added)} in rows the adapter explains ({growth(ctx).describe()})"
     return CheckResult.passed(
         f"same size as the base: {_human(merged_data)} of tensors{untied}, files differ by"
         f" {diff:+} header bytes. Expected: a LoRA merge adds scale*B@A into existing weights",
@@ -241,26 +286,40 @@ def _config_pair(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]] | CheckR
 
 
 def check_config(ctx: Context) -> CheckResult:
-    """``config.json`` differs from the base's only in allowed keys (dtype, tying, vocab...)."""
+    """``config.json`` means the base's, up to allowed keys (dtype, tying, vocab, provenance...).
+
+    Both files are read through transformers' config class for their ``model_type`` (see
+    :mod:`harness.io.configs`), so a base written by transformers 4 and a merge saved by
+    transformers 5 compare by meaning, not spelling.
+    """
     pair = _config_pair(ctx)
     if isinstance(pair, CheckResult):
         return pair
     merged, base = pair
-    allowed = CONFIG_ALLOWED | ctx.settings.config.config_allow
-    differing = sorted(
-        k for k in set(merged) | set(base) if k not in allowed and merged.get(k) != base.get(k)
+    extra = ctx.settings.config.config_allow
+    allowed = CONFIG_ALLOWED | CONFIG_PROVENANCE | extra
+    comparison = compare_configs(base, merged, allowed)
+    how = (
+        f"read as {comparison.read_as}" if comparison.read_as
+        else f"compared as written: {comparison.note or 'no common config class'}"
     )
-    if differing:
-        key = differing[0]
+    if comparison.changes:
+        first = comparison.changes[0]
         return CheckResult.failed(
-            f"config.json differs from the base in {len(differing)} key(s) outside the"
-            f" allow-list; {key!r}: base {base.get(key)!r}, merged {merged.get(key)!r}",
-            [f"{k}: {base.get(k)!r} -> {merged.get(k)!r}" for k in differing[:10]],
-            keys=differing,
+            f"config.json differs from the base in {len(comparison.changes)} key(s) outside the"
+            f" allow-list; {first.describe()} ({how})",
+            [change.describe() for change in comparison.changes[:10]],
+            keys=[change.key for change in comparison.changes],
         )
-    changed = sorted(k for k in set(merged) | set(base) if merged.get(k) != base.get(k))
-    note = f" (allowed changes: {', '.join(changed)})" if changed else ""
-    return CheckResult.passed(f"config.json matches the base{note}")
+    written = sorted(k for k in set(merged) | set(base) if merged.get(k) != base.get(k))
+    groups = [
+        ("allowed changes", [k for k in written if k in CONFIG_ALLOWED | extra]),
+        ("provenance keys", [k for k in written if k in CONFIG_PROVENANCE]),
+        ("spelled differently, same meaning",
+         [k for k in written if k not in allowed]),
+    ]
+    notes = "".join(f"; {label}: {', '.join(keys)}" for label, keys in groups if keys)
+    return CheckResult.passed(f"config.json matches the base ({how}{notes})")
 
 
 def check_tied_embeddings(ctx: Context) -> CheckResult:

@@ -174,10 +174,18 @@ def check_targeted(ctx: Context) -> CheckResult:
     use = max(t.bound_use for t in targeted)
     ratios = [t.ratio for t in targeted if t.ratio is not None]
     spread = f"; |M-W|/|R-W| {min(ratios):.4f}..{max(ratios):.4f}" if ratios else ""
+    paths: dict[str, int] = {}
+    for t in targeted:
+        if t.arithmetic:
+            paths[t.arithmetic] = paths.get(t.arithmetic, 0) + 1
+    recognised = "".join(
+        f"; {count} of them by the recognised arithmetic of {path}"
+        for path, count in paths.items()
+    )
     return CheckResult(
         Outcome.PASSED,
         f"{len(targeted)} targeted tensor(s) match the reference within k={found.k:g} ULP"
-        f" (worst element at {use:.2f} of its bound){spread}",
+        f" (worst element at {use:.2f} of its bound){spread}{recognised}",
         [bound_line, *_table(targeted)],
         _metrics(found),
         layers=found.layers(),

@@ -50,3 +50,15 @@ def reference_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, S)`` of a whole tensor (``w`` in the compute dtype)."""
     return reference_rows(w, edits, slice(None), code, k)
+
+
+def rounded_paths(edits: Sequence[Edit], code: str) -> list[Edit] | None:
+    """``edits`` as peft computes them with half-precision factors, when that path exists.
+
+    Every edit that has such a path (:meth:`~harness.deltas.base.Edit.rounded`) is replaced by
+    it, the others are kept; None when no edit of the tensor has one.
+    """
+    twins = [edit.rounded(code) for edit in edits]
+    if all(twin is None for twin in twins):
+        return None
+    return [twin if twin is not None else edit for twin, edit in zip(twins, edits, strict=True)]

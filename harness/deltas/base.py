@@ -18,9 +18,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from harness.architectures import INPUT_EMBEDDINGS, OUTPUT_HEADS, find_suffix, is_head
+from harness.deltas.layouts import StoredLayout
 from harness.errors import AdapterError
 from harness.io.safetensors import TensorInfo
 from harness.ulp import compute_dtype
@@ -54,6 +56,11 @@ class Target:
             return None
         return find_suffix(self.tensors, INPUT_EMBEDDINGS)
 
+    @cached_property
+    def layout(self) -> StoredLayout:
+        """Where transformers 5 parameters are stored (renamed, fused or per expert)."""
+        return StoredLayout(self.tensors, self.model_type)
+
     def is_head(self, logical: str) -> bool:
         """Whether ``logical`` names an output head (``lm_head.weight`` and kin)."""
         return is_head(logical)
@@ -70,6 +77,9 @@ class Target:
         source = self.tie_source
         if source is not None and self.is_head(logical):
             return source
+        renamed = self.layout.stored_name(logical)
+        if renamed is not None:
+            return renamed
         hits = sorted(
             n for n in self.tensors if n.endswith("." + logical) or logical.endswith("." + n)
         )
@@ -180,12 +190,23 @@ class Edit(abc.ABC):
         """Named wrong scale factors a faulty merger might have used (additive edits only)."""
         return []
 
+    def rounded(self, code: str) -> Edit | None:
+        """The edit as peft computes it with its factors held in the stored dtype ``code``.
+
+        None: the type has no such documented path.
+        """
+        return None
+
     def without_variant(self) -> Edit | None:
         """The edit a merger that ignores the variant computes (DoRA -> LoRA), or None."""
         return None
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """Validate shapes against the base tensor; raise AdapterError naming the module."""
+
+    def rows_needed(self) -> int:
+        """Rows the tensor must have for this edit (more than the base's: a grown vocabulary)."""
+        return self.info.shape[0] if self.info.shape else 0
 
 
 def row_positions(rows: Rows, count: int) -> dict[int, int]:

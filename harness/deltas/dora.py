@@ -40,6 +40,10 @@ class LoraDora(LoraLinear):
                 f" but the layer has {units} output units"
             )
 
+    def rounded(self, code: str) -> None:
+        """No half-precision path is recognised for DoRA (its magnitudes would round too)."""
+        return None
+
     def without_variant(self) -> Edit:
         """The same LoRA without the magnitude renormalisation (DoRA ignored)."""
         return LoraLinear(self.adapter, self.module, self.tensor, self.base, self.info,

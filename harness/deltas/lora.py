@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from harness.architectures import CONV1D_MODEL_TYPES, CONV1D_MODULES
 from harness.deltas.base import Edit, Target
 from harness.deltas.dora import LoraDora
+from harness.deltas.experts import plan_parameters
 from harness.deltas.lowrank import LoraBias, LoraEmbedding, LoraLinear, LoraScale
 from harness.deltas.tokens import token_rows
 from harness.errors import AdapterError, UnsupportedAdapterError
@@ -27,7 +28,6 @@ UNSUPPORTED_VARIANTS = {
     "velora_config": "VeLoRA (velora_config)",
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "kasa_config": "KaSA (kasa_config)",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora)",
 }
@@ -75,8 +75,10 @@ class LoraType:
                 "adapter type LORA with MiCA (init_lora_weights='mica') is not verifiable by"
                 " merge-harness"
             )
-        edits: list[Edit] = []
+        edits, covered = plan_parameters(adapter, index, target)
         for module, roles in sorted(adapter.layout.modules.items()):
+            if module in covered:
+                continue
             unknown = sorted(set(roles) - _LORA_ROLES)
             if unknown:
                 raise AdapterError(
@@ -126,12 +128,12 @@ class LoraType:
         out_features, in_features = b_info.shape[0], a_info.shape[1]
         if embedding:
             # Embedding weights are (num_embeddings, dim) and the delta is (B @ A).T: the
-            # orientation of a Conv1D.
-            if info.shape != (in_features, out_features):
+            # orientation of a Conv1D. More rows than the base: a vocabulary grown before
+            # training, which a copy of the resized embedding must explain (deltas.growth).
+            if info.shape[1:] != (out_features,) or in_features < info.shape[0]:
                 raise AdapterError(
                     f"adapter module {module!r}: embedding delta is {in_features}x{out_features}"
-                    f" but the base weight is {'x'.join(map(str, info.shape))} (resized"
-                    " vocabulary?)"
+                    f" but the base weight is {'x'.join(map(str, info.shape))}"
                 )
             transposed = True
         else:

@@ -16,6 +16,7 @@ Semantics follow peft 0.21's ``tuners/lora/layer.py`` and ``variants.py``:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +27,7 @@ from harness.deltas.base import (
     oriented_rows,
     outer_norms,
 )
+from harness.dtypes import torch_dtype_name
 from harness.errors import AdapterError
 from harness.io.adapter import pattern_key
 from harness.stream.pipeline import workspace
@@ -39,6 +41,17 @@ if TYPE_CHECKING:
 
 #: How much a fault may be rounded away: the delta term allows the stored-dtype delta path.
 DELTA_ULPS = 1.5
+#: The delta term when the factors themselves are held in the stored dtype (see
+#: :meth:`LoraLinear.rounded`): the product ``B @ A`` may be rounded to it (at most ``|s|/2``
+#: ulp of the product, which is at most one ulp of the delta), then the scaling (half an ulp),
+#: then the delta before the add (half an ulp).
+ROUNDED_DELTA_ULPS = 2.0
+#: The arithmetic a merge with half-precision factors follows, as reports name it.
+ROUNDED_FACTORS = (
+    "LoRA factors held in {dtype} at merge time (PeftModel.from_pretrained(...,"
+    " autocast_adapter_dtype=False), .to(torch.{torch}) before merging, or a PiSSA/OLoRA adapter"
+    " converted and merged in {dtype}): W + s * {dtype}(B) @ {dtype}(A), the product rounded"
+)
 
 
 def _lora_dtype(adapter: Adapter, key: str) -> torch.dtype:
@@ -83,19 +96,25 @@ class LoraScale:
             text += f" alpha_pattern[{self.alpha_key!r}]"
         return text
 
-    def alternatives(self) -> list[tuple[str, float]]:
+    def alternatives(self, kind: str = "lora") -> list[tuple[str, float]]:
         """Wrong scales a faulty merger produces, as factors of the right one, with names.
 
-        Specific causes come first (rsLoRA, patterns), generic factors after; causes that give
-        the same factor are named together (with ``r = 4``, doubling is also ``sqrt(r)``).
+        Only faults the adapter type ``kind`` can have are offered: rsLoRA and the rank/alpha
+        patterns belong to LoRA; a LoHa or LoKr merger can instead scale both factors of its
+        Hadamard or Kronecker product (``s**2``). Specific causes come first, generic factors
+        after; causes that give the same factor are named together (with ``r = 4``, doubling is
+        also ``sqrt(r)``).
         """
         s = self.value
         root = math.sqrt(self.r)
         found: list[tuple[str, float]] = [("sign flipped (delta subtracted)", -1.0)]
-        if self.rslora:
+        lora = kind not in _PRODUCT_FACTORS
+        if lora and self.rslora:
             found.append(("rsLoRA ignored: alpha/r used instead of alpha/sqrt(r)", 1 / root))
-        else:
+        elif lora:
             found.append(("rsLoRA scaling alpha/sqrt(r) used instead of alpha/r", root))
+        else:
+            found.append((f"scale applied to both {_PRODUCT_FACTORS[kind]} factors (s^2)", s))
         if s:
             if self.r_key is not None:
                 wrong = self.scale(self.default_r, self.alpha)
@@ -111,8 +130,10 @@ class LoraScale:
         found += [
             ("delta applied twice (or scale doubled)", 2.0),
             ("scale halved", 0.5),
-            ("scale off by sqrt(r)", root),
-            ("scale off by 1/sqrt(r)", 1 / root),
+        ]
+        if lora:
+            found += [("scale off by sqrt(r)", root), ("scale off by 1/sqrt(r)", 1 / root)]
+        found += [
             ("scale off by r (alpha used as the scale)", float(self.r)),
             ("scale off by 1/r", 1 / self.r),
         ]
@@ -126,6 +147,10 @@ class LoraScale:
         return [(" or ".join(labels), factor) for factor, labels in merged.items()]
 
 
+#: Adapter kinds whose delta is a product of two factors, and the product's name.
+_PRODUCT_FACTORS = {"loha": "Hadamard", "lokr": "Kronecker"}
+
+
 def lora_slack(
     delta: torch.Tensor,
     w: torch.Tensor,
@@ -133,6 +158,7 @@ def lora_slack(
     rank: int,
     scale: float,
     code: str,
+    delta_ulps: float = DELTA_ULPS,
 ) -> torch.Tensor:
     """Bound on a correct merge's pre-rounding error for an additive low-rank delta.
 
@@ -143,7 +169,7 @@ def lora_slack(
     Cauchy-Schwarz); ``2 u_c (|W| + |delta|)``: the fp32 add and the reference's own add.
     """
     u_c = compute_roundoff(code)
-    slack = ulp(delta, code).mul_(DELTA_ULPS)
+    slack = ulp(delta, code).mul_(delta_ulps)
     slack.add_(products, alpha=(gamma(rank, U32) + gamma(rank + 1, u_c)) * abs(scale))
     slack.add_(w.abs().add_(delta.abs()), alpha=2 * u_c)
     return slack
@@ -155,6 +181,10 @@ class LoraLinear(Edit):
     kind: ClassVar[str] = "lora"
     additive: ClassVar[bool] = True
     scale: float
+    #: The dtype the factors are rounded to before the product (None: used as saved).
+    factor_code: str | None = None
+    #: Ulps of the delta a correct implementation may be off by (see :func:`lora_slack`).
+    delta_ulps: float = DELTA_ULPS
 
     def __init__(
         self,
@@ -204,9 +234,42 @@ class LoraLinear(Edit):
         """See :meth:`LoraScale.alternatives`."""
         return self.settings.alternatives()
 
+    def held(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """An adapter factor in ``dtype``, first rounded to :attr:`factor_code` when set."""
+        if self.factor_code is None:
+            return self.load(key, dtype)
+        import torch
+
+        cache = (key, ("rounded", dtype))
+        value = self._cache.get(cache)
+        if value is None:
+            held = getattr(torch, torch_dtype_name(self.factor_code))
+            value = self.adapter.tensor(key).to(held).to(dtype)
+            self._cache[cache] = value
+        return value
+
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` in ``dtype``: ``(out, r)`` and ``(r, in)``."""
-        return self.load(self.b_key, dtype), self.load(self.a_key, dtype)
+        return self.held(self.b_key, dtype), self.held(self.a_key, dtype)
+
+    def rounded(self, code: str) -> LoraLinear | None:
+        """The LoRA computed from factors held in the stored dtype ``code`` (half precision).
+
+        peft casts the factors to the base layer's dtype when they are loaded with
+        ``autocast_adapter_dtype=False`` or the model is cast with ``.to(torch.bfloat16)``:
+        ``W + s * B' @ A'`` with ``B'``, ``A'`` rounded, the product rounded again on
+        accelerators. None when the factors are saved in that dtype already (nothing rounds) or
+        the checkpoint is not half precision.
+        """
+        if code not in ("BF16", "F16") or self.factor_code is not None:
+            return None
+        if all(self.adapter.tensors[k].dtype == code for k in (self.a_key, self.b_key)):
+            return None
+        twin = copy.copy(self)
+        twin._cache = {}
+        twin.factor_code = code
+        twin.delta_ulps = ROUNDED_DELTA_ULPS
+        return twin
 
     def scaled_rows(self, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """Rows of ``(s * B) @ A`` in stored orientation: the reference delta.
@@ -215,11 +278,12 @@ class LoraLinear(Edit):
         inside the ``γ`` term of :func:`lora_slack` (``r + 1`` roundings per element at most).
         """
         key = (self.b_key, ("scaled", dtype))
+        b, a = self.factors(dtype)
         scaled = self._cache.get(key)
         if scaled is None:
-            scaled = self.load(self.b_key, dtype) * self.scale
+            scaled = b * self.scale
             self._cache[key] = scaled
-        return oriented_rows(scaled, self.load(self.a_key, dtype), rows, self.transposed)
+        return oriented_rows(scaled, a, rows, self.transposed)
 
     def delta_rows(self, rows: Rows, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the scaled delta in stored orientation, and the ``sum |B||A|`` bound."""
@@ -240,7 +304,8 @@ class LoraLinear(Edit):
     ) -> Step:
         """``W + s * B @ A`` (transposed for Conv1D/embeddings) with :func:`lora_slack`."""
         delta, products = self.delta_rows(rows, w.dtype)
-        bound = lora_slack(delta, w, products, self.settings.r, self.scale, code)
+        bound = lora_slack(delta, w, products, self.settings.r, self.scale, code,
+                           self.delta_ulps)
         if incoming is not None:
             bound.add_(incoming)
         return Step(w + delta, bound)
@@ -290,6 +355,10 @@ class LoraEmbedding(LoraLinear):
     """LoRA on an ``Embedding``: ``lora_embedding_B @ lora_embedding_A``, transposed."""
 
     kind: ClassVar[str] = "lora-embedding"
+
+    def rows_needed(self) -> int:
+        """One row per embedding ``lora_embedding_A`` spans (more when the vocabulary grew)."""
+        return int(self.adapter.tensors[self.a_key].shape[1])
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         """Peft's ``Embedding.merge``: the delta is rounded to the stored dtype first."""

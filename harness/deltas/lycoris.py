@@ -39,8 +39,8 @@ class _Lycoris(Edit):
         return f"{self.kind} {self.settings.describe()}"
 
     def alternatives(self) -> list[tuple[str, float]]:
-        """See :meth:`LoraScale.alternatives`."""
-        return self.settings.alternatives()
+        """See :meth:`LoraScale.alternatives` (the faults of this type)."""
+        return self.settings.alternatives(self.kind)
 
     def t(self, role: str, dtype: torch.dtype) -> torch.Tensor:
         """An adapter tensor by role."""

@@ -33,13 +33,22 @@ class Copy(Edit):
         self.courtesy = courtesy
 
     def check(self) -> None:
-        """Same shape as the base tensor (a resized vocabulary is not supported)."""
+        """The base tensor's shape, or more rows of it (a vocabulary grown before training)."""
         shape = tuple(self.adapter.tensors[self.key].shape)
-        if shape != self.info.shape:
+        base = self.info.shape
+        if shape != base and not (
+            len(shape) == len(base) and len(shape) >= 1 and shape[1:] == base[1:]
+            and shape[0] > base[0]
+        ):
             raise AdapterError(
                 f"adapter copy of {self.tensor!r} has shape {list(shape)} but the base tensor"
-                f" {list(self.info.shape)} (resized vocabulary?)"
+                f" {list(base)}"
             )
+
+    def rows_needed(self) -> int:
+        """The copy's rows (more than the base's when the vocabulary grew)."""
+        shape = self.adapter.tensors[self.key].shape
+        return int(shape[0]) if shape else 0
 
     def describe(self) -> str:
         """``modules_to_save copy`` or ``saved base_layer copy``."""
@@ -72,19 +81,21 @@ class TokenRows(Edit):
         self.indices = indices
 
     def check(self) -> None:
-        """One saved row per index, each index inside the embedding."""
+        """One saved row per index, no negative index (beyond the base: a grown vocabulary)."""
         shape = tuple(self.adapter.tensors[self.key].shape)
-        rows, *rest = self.info.shape
+        _, *rest = self.info.shape
         if shape != (len(self.indices), *rest):
             raise AdapterError(
                 f"adapter module {self.module!r}: trainable_tokens_delta has shape {list(shape)}"
                 f" but {len(self.indices)} token indices over rows of {rest}"
             )
-        bad = [i for i in self.indices if not 0 <= i < rows]
+        bad = [i for i in self.indices if i < 0]
         if bad:
-            raise AdapterError(
-                f"adapter module {self.module!r}: token index {bad[0]} outside the {rows} rows"
-            )
+            raise AdapterError(f"adapter module {self.module!r}: negative token index {bad[0]}")
+
+    def rows_needed(self) -> int:
+        """One past the largest index."""
+        return max(self.indices, default=-1) + 1
 
     def describe(self) -> str:
         """``trainable-tokens 3 rows``."""

@@ -187,22 +187,28 @@ def parse_layout(tensors: dict[str, TensorInfo]) -> AdapterLayout:
             module = ".".join(module_parts)
             layout.modules.setdefault(module, {})[role] = key
             continue
-        # a full copy: drop peft's wrapper components (and a modules_to_save.<adapter> pair)
+        if "original_module" in parts:
+            # the untrained module beside a modules_to_save copy (peft saves it with the
+            # embedding layers of a resized vocabulary): the base, not a change
+            continue
+        # a full copy: drop peft's wrapper components (and a modules_to_save[.<adapter>])
         clean: list[str] = []
         skip = 0
         for i, part in enumerate(parts):
             if skip:
                 skip -= 1
                 continue
-            if part == "modules_to_save" and i + 1 < len(parts) - 1:
-                skip = 1
+            if part == "modules_to_save":
+                skip = 1 if i + 1 < len(parts) - 1 else 0
                 continue
             if part in _WRAPPERS:
                 if part == "base_layer":
                     base_layer.add(".".join(p for p in parts if p not in _WRAPPERS))
                 continue
             clean.append(part)
-        layout.copies[".".join(clean)] = key
+        # the same copy saved under modules_to_save and plainly: keep the plain key
+        if ".".join(clean) not in layout.copies or "modules_to_save" not in parts:
+            layout.copies[".".join(clean)] = key
     layout.base_layer_copies = frozenset(base_layer)
     return layout
 

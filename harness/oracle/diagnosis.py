@@ -11,14 +11,14 @@ real fault; when none does the answer is "no known fault fits".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from harness.deltas.apply import reference_tensor
+from harness.deltas.apply import rounded_paths
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
 from harness.oracle.compare import TensorCheck
+from harness.oracle.evidence import NO_FIT, Evidence, Suspect
+from harness.oracle.partial import partial_rows
 from harness.ulp import compute_dtype, ulp
 
 if TYPE_CHECKING:
@@ -26,72 +26,7 @@ if TYPE_CHECKING:
 
     from harness.deltas import Edit, Plan
 
-#: Fraction of elements that must fit a suspect's tensor.
-FIT_FRACTION = 0.999
-NO_FIT = "no known fault fits"
-
-
-@dataclass
-class Evidence:
-    """One failed tensor: merged, base and reference values (compute dtype), edits, plan."""
-
-    check: TensorCheck
-    code: str
-    k: float
-    merged: torch.Tensor
-    base: torch.Tensor
-    edits: list[Edit]
-    plan: Plan
-    base_name: str
-    _cache: dict[str, object] = field(default_factory=dict)
-
-    @cached_property
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R, S)`` of the correct merge."""
-        if not self.edits:
-            import torch
-
-            return self.base, torch.zeros_like(self.base)
-        return reference_tensor(self.base.clone(), self.edits, self.code, self.k)
-
-    @cached_property
-    def found(self) -> torch.Tensor:
-        """``M - W``: the change the merge actually made."""
-        return self.merged - self.base
-
-    def fraction(self, expected: torch.Tensor, slack: torch.Tensor) -> float:
-        """Share of elements within twice the rounding bound of ``expected``."""
-        bound = (ulp(expected.abs() + slack, self.code) * max(self.k, 1.0) + slack) * 2
-        inside = (self.merged - expected).abs() <= bound
-        return float(inside.double().mean()) if inside.numel() else 1.0
-
-    def fits(self, expected: torch.Tensor, slack: torch.Tensor) -> bool:
-        """Whether the merged tensor is ``expected`` up to rounding."""
-        return self.fraction(expected, slack) >= FIT_FRACTION
-
-    def step_delta(self, edit: Edit) -> torch.Tensor:
-        """The change one additive edit makes in the correct reference (full tensor)."""
-        position = self.edits.index(edit)
-        before = (
-            reference_tensor(self.base.clone(), self.edits[:position], self.code, self.k)[0]
-            if position
-            else self.base
-        )
-        after = reference_tensor(before.clone(), [edit], self.code, self.k)[0]
-        return after - before
-
-    def own_delta(self, edit: Edit) -> torch.Tensor:
-        """``edit``'s change applied to this tensor's base (edits of other tensors too)."""
-        w = self.base.clone()
-        return edit.reference(w, None, slice(None), self.code).value - self.base
-
-
-@dataclass(frozen=True)
-class Suspect:
-    """A named fault and the test that recognises it (returns the finding, or None)."""
-
-    name: str
-    test: Callable[[Evidence], str | None]
+__all__ = ["NO_FIT", "SUSPECTS", "diagnose"]
 
 
 def _additive(evidence: Evidence) -> list[Edit]:
@@ -154,6 +89,18 @@ def _variant_ignored(ev: Evidence) -> str | None:
         step = plain.reference(ev.base.clone(), None, slice(None), ev.code)
         if ev.fits(step.value, step.bound):
             return f"DoRA magnitude ignored in {edit.module} (merged as plain LoRA)"
+    return None
+
+
+def _ia3_twice(ev: Evidence) -> str | None:
+    """An (IA)^3 vector multiplied in twice (``W * l * l``): merged twice, or on a merge."""
+    for edit in ev.edits:
+        if edit.kind != "ia3":
+            continue
+        once = edit.reference(ev.base.clone(), None, slice(None), ev.code)
+        twice = edit.reference(once.value, once.bound, slice(None), ev.code)
+        if ev.fits(twice.value, twice.bound):
+            return f"IA3 vector applied twice in {edit.module} (W * l * l)"
     return None
 
 
@@ -277,9 +224,11 @@ def _other_adapter(ev: Evidence) -> str | None:
 #: The suspects, tested in this order; the first that fits names the fault.
 SUSPECTS: list[Suspect] = [
     Suspect("not applied", _not_applied),
+    Suspect("applied to some rows or experts only", partial_rows),
     Suspect("wrong scale", _scaled),
     Suspect("transposed delta", _transposed),
     Suspect("DoRA magnitude ignored", _variant_ignored),
+    Suspect("IA3 vector applied twice", _ia3_twice),
     Suspect("delta from another layer", _wrong_layer),
     Suspect("non-target tensor modified", _non_target),
     Suspect("scale off by a factor", _fitted_scale),
@@ -302,16 +251,22 @@ def diagnose(
         return NO_FIT
     code = info.dtype
     cd = compute_dtype(code)
-    evidence = Evidence(
-        check,
-        code,
-        k,
-        tensor_from_bytes(info, merged).to(cd),
-        tensor_from_bytes(base_info, base).to(cd),
-        list(edits),
-        plan,
-        base_info.name,
-    )
+    merged_values = tensor_from_bytes(info, merged).to(cd)
+    base_values = tensor_from_bytes(base_info, base).to(cd)
+    found = _first_fit(Evidence(check, code, k, merged_values, base_values, list(edits), plan,
+                                base_info.name))
+    if found is None:
+        # the same fault in a merge that held its factors in the stored dtype
+        twins = rounded_paths(edits, code)
+        if twins is not None:
+            found = _first_fit(Evidence(check, code, k, merged_values, base_values, twins, plan,
+                                        base_info.name))
+            if found is not None:
+                found += f" (a merge with the LoRA factors held in {code.lower()})"
+    return found or NO_FIT
+
+
+def _first_fit(evidence: Evidence) -> str | None:
     for suspect in SUSPECTS:
         try:
             found = suspect.test(evidence)
@@ -319,4 +274,4 @@ def diagnose(
             found = None
         if found:
             return found
-    return NO_FIT
+    return None

@@ -7,18 +7,22 @@ both checkpoints, so the pass also yields what the structure and hash checks nee
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.deltas import Plan, Target, is_replacement, plan_adapters
+from harness.deltas.growth import Growths, explain_growth, grow
 from harness.dtypes import FLOATING
 from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
-from harness.oracle.compare import Role, TensorCheck, compare_edited, compare_untouched
+from harness.oracle.bases import diagnose_base
+from harness.oracle.compare import Role, TensorCheck, compare_judged, compare_untouched
 from harness.oracle.diagnosis import diagnose
+from harness.oracle.partial import regroup_experts
 from harness.stream.hashing import Manifest, combine
 from harness.stream.partition import Part, Unit, units
 from harness.stream.pipeline import StreamPass
@@ -138,14 +142,17 @@ def _check_one(
     other: bytearray,
     base_info: TensorInfo,
     k: float,
+    unexplained: str | None = None,
 ) -> TensorCheck | None:
     """Compare one merged tensor (or the virtual tied head) with its base tensor and edits."""
     if info.shape != base_info.shape:
         # values cannot be compared element by element: a failure, never a silent pass
-        cause = f"shape {list(info.shape)} differs from the base's {list(base_info.shape)}"
+        cause = unexplained or (
+            f"shape {list(info.shape)} differs from the base's {list(base_info.shape)}"
+        )
         return TensorCheck(job.name, role_of(job.edits), info.dtype, info.numel,
                            [e.describe() for e in job.edits], failed=info.numel,
-                           diagnosis=cause, note=cause)
+                           changed=info.numel, diagnosis=cause, note=cause)
     if not job.edits:
         if info.dtype != base_info.dtype:
             return None
@@ -154,8 +161,21 @@ def _check_one(
         raise HarnessError(f"{info.name}: the adapter changes a {info.dtype} tensor")
     merged = tensor_from_bytes(info, data)
     base_tensor = tensor_from_bytes(base_info, other)
-    return compare_edited(job.name, merged, base_tensor, job.edits, info.dtype, k,
+    return compare_judged(job.name, merged, base_tensor, job.edits, info.dtype, k,
                           role_of(job.edits))
+
+
+def _grown(info: TensorInfo, data: bytearray, rows: int) -> tuple[TensorInfo, bytearray]:
+    """The base tensor with zero rows appended up to ``rows`` (a grown vocabulary).
+
+    The appended rows never reach a verdict as zeros: an edit that explains the growth (a full
+    copy, or trainable token rows covering them) replaces them in the reference.
+    """
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    extra = bytearray(row_bytes * (rows - info.shape[0]))
+    grown = dataclasses.replace(info, shape=(rows, *info.shape[1:]),
+                                end=info.start + len(data) + len(extra))
+    return grown, data + extra
 
 
 #: One read item: a merged tensor's header and bytes, and its base counterpart's bytes.
@@ -178,8 +198,11 @@ class OraclePass:
         self.merged, self.base, self.k, self.scans = merged, base, k, scans
         self.problem: str | None = None
         self.plan: Plan | None = None
+        self.growths = Growths()
         try:
             self.plan = plan_adapters(list(adapters), Target(base.tensors, base.config or {}))
+            self.growths = explain_growth(self.plan, merged.tensors)
+            grow(self.plan, self.growths)
         except HarnessError as exc:
             self.problem = str(exc)
         self.work = _work_list(merged, base, self.plan)
@@ -225,13 +248,17 @@ class OraclePass:
         jobs = self.work[info.name]
         try:
             for job in jobs:
-                base_info = self.base.tensors[job.base]
-                check = _check_one(job, info, data, other, base_info, self.k)
+                base_info, base_data = self.base.tensors[job.base], other
+                growth = self.growths.explained.get(info.name)
+                if growth is not None and job.edits:
+                    base_info, base_data = _grown(base_info, other, growth.rows)
+                check = _check_one(job, info, data, base_data, base_info, self.k,
+                                   self.growths.unexplained.get(info.name))
                 if check is None:
                     continue
                 if not check.ok and check.diagnosis is None:
                     check.diagnosis = diagnose(
-                        check, job.edits, plan, info, data, base_info, other, self.k
+                        check, job.edits, plan, info, data, base_info, base_data, self.k
                     )
                 done.checks.append(check)
         finally:
@@ -256,6 +283,19 @@ class OraclePass:
         if self.plan is None or self.problem is not None:
             return []
         return _missing(self.merged, self.base, self.plan, self.work)
+
+    def finish(self, result: OracleResult) -> None:
+        """Judge what needs every tensor's verdict: experts regrouped, a wrong base named.
+
+        Runs after the whole pass (or after its parts are combined); it re-reads at most a
+        few tensors of both checkpoints, and only when tensors failed.
+        """
+        if self.plan is None or self.problem is not None:
+            return
+        regroup_experts(result.tensors, self.plan)
+        cause = diagnose_base(result.tensors, self.plan, self.merged, self.base, self.k)
+        if cause is not None:
+            result.notes.append(cause)
 
     def run(
         self, part: Part | None = None
@@ -297,6 +337,7 @@ class OraclePass:
                 self.plan.release()
         if part is None:
             result.tensors.extend(self.missing())
+            self.finish(result)
         result.seconds = time.perf_counter() - started
         if not self.scans:
             return result, None, None
