@@ -220,10 +220,10 @@ def _recorded(suite: Sequence[Check], inputs: Inputs) -> dict[str, CheckResult]:
 
 
 def _finish(settings: Settings, combined: Combined, recorded: Mapping[str, str]) -> str | None:
-    """Name the causes that need every tensor's verdict (experts, a wrong base) when tensors
-    failed; they re-read a few tensors, so the models must be at the recorded paths.
+    """Name the causes that need every tensor's verdict (experts, a wrong base) on failures.
 
-    Returns a note when they are not (the verdicts stand; only those causes go unnamed).
+    They re-read a few tensors, so the models must be at the recorded paths; a note says so
+    when they are not (the verdicts stand; only those causes go unnamed).
     """
     found = combined.oracle
     if found is None or all(t.ok for t in found.tensors):
