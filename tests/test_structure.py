@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_checkpoint, edit_config, rewrite
+from support.checkpoints import copy_checkpoint, edit_config, rewrite
 
 FAMILIES = "--merge-checks=structure,hash"
 
