@@ -61,6 +61,7 @@ def explain(result: CheckResult) -> str:
 # ---- zero false alarms -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(
     max_examples=CORRECT_MERGES,
     deadline=None,

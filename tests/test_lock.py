@@ -21,8 +21,7 @@ from harness.io.adapter import Adapter
 from harness.stream.hashing import adapter_digest
 
 # Imported before any in-process pytester run: pytester removes modules first imported during a
-# run, and datasets cannot be imported twice in one process (pyarrow extension types).
-pytest.importorskip("datasets")
+# run (tests/conftest.py imports datasets, which cannot be imported twice, for the same reason).
 pytest.importorskip("lm_eval")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
