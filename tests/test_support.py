@@ -43,28 +43,35 @@ def test_every_fixture_is_a_view_of_the_one_factory_cache(
         assert folder.parent == tiny_merge_factory.root
 
 
-def test_factory_builds_other_peft_types(tiny_merge_factory):
-    case = tiny_merge_factory(peft_type="IA3", target_modules=["q_proj", "down_proj"],
-                              feedforward_modules=["down_proj"])
+def test_factory_builds_other_peft_types(tiny_merge_factory, workshop):
+    # The IA3 case of test_delta, asked for through both doors: one build.
+    config = {"target_modules": ["q_proj", "v_proj", "down_proj"],
+              "feedforward_modules": ["down_proj"]}
+    case = tiny_merge_factory(peft_type="IA3", tokenizer=False, scale=0.3, **config)
+    base = workshop.base("llama", "F32")
+    assert case.base == base
+    assert case.merged == workshop.peft(base, workshop.other_adapter(base, "IA3", **config))
     assert case.adapter_config["peft_type"] == "IA3"
-    base, merged = read_tensors(case.base), read_tensors(case.merged)
-    changed = {n for n in base if not torch.equal(base[n], merged[n])}
+    weights, merged = read_tensors(case.base), read_tensors(case.merged)
+    changed = {n for n in weights if not torch.equal(weights[n], merged[n])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i in (0, 1)
-                       for m in ("self_attn.q_proj", "mlp.down_proj")}
+                       for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
 
 
-def test_factory_saves_shards(tiny_merge_factory):
-    case = tiny_merge_factory(dtype="BF16", shard="20KB")
-    for folder in (case.base, case.merged):
+def test_factory_saves_shards(tiny_llama_sharded):
+    for folder in (tiny_llama_sharded.base, tiny_llama_sharded.merged):
         index = json.loads((folder / INDEX_FILE).read_text())
         assert len(set(index["weight_map"].values())) == 3
-    assert read_tensors(case.merged).keys() == read_tensors(case.base).keys()
+    assert read_tensors(tiny_llama_sharded.merged).keys() == read_tensors(
+        tiny_llama_sharded.base).keys()
 
 
 def test_factory_merges_adapters_in_sequence(tiny_merge_factory):
+    # test_merger's two adapters in sequence, merged by peft here as well as by the harness.
     model = ModelSpec(dtype="BF16", tokenizer=False)
     first = AdapterSpec((("target_modules", ["q_proj", "v_proj"]),), seed=1)
-    second = AdapterSpec((("target_modules", ["q_proj"]),), seed=2)
+    second = AdapterSpec(
+        (("target_modules", ["q_proj", "up_proj"]), ("use_dora", True)), seed=2)
     theirs = tiny_merge_factory.merge(model, [first, second])
     ours = tiny_merge_factory.merge(model, [first, second], method="harness")
     assert tiny_merge_factory.merge(model, [first, second]) == theirs  # cached
@@ -72,9 +79,9 @@ def test_factory_merges_adapters_in_sequence(tiny_merge_factory):
     assert peft.keys() == mine.keys()
     for name in peft:
         assert torch.equal(peft[name].view(torch.uint8), mine[name].view(torch.uint8)), name
-    once = read_tensors(tiny_merge_factory.merge(model, [first]))
-    q0 = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(once[q0], peft[q0])  # the second adapter was applied too
+    once = read_tensors(tiny_merge_factory.merge(model, [first], method="harness"))
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(once[up], peft[up])  # the second adapter was applied too
 
 
 def test_case_table_renders_every_case_without_torch():
