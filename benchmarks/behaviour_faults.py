@@ -4,10 +4,10 @@
     python benchmarks/behaviour_faults.py --dtype stored  # compare in each checkpoint's dtype
 
 Builds tiny correct merges (llama, qwen2 tied, gpt2 Conv1D; fp32, bf16, fp16; all-linear LoRA,
-adapter noise 0.05), injects the faults of ``tests/faults.py`` into copies of the merged files and
-runs ``behaviour::equivalence`` (20 probes) on each. Prints one markdown row per merge: the share
-of the allowance the correct merge used, and for each fault how many times more than rounding
-noise the merged model deviates on the shrunk minimal input.
+adapter noise 0.05), injects the faults of ``tests/support/faults.py`` into copies of the merged
+files and runs ``behaviour::equivalence`` (20 probes) on each. Prints one markdown row per merge:
+the share of the allowance the correct merge used, and for each fault how many times more than
+rounding noise the merged model deviates on the shrunk minimal input.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from faults import inject
+from support.faults import inject
 
 from harness.case import MergeCase
 from harness.checks import behaviour

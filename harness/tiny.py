@@ -4,16 +4,19 @@ Everything is built from configs (no download): a 2-layer, 32-wide model takes m
 Adapters get non-zero random ``lora_B`` (peft initialises it to zero, which would make every
 merge a no-op), so each merge really changes the weights.
 
-:class:`ModelSpec` and :class:`MergeSpec` name a tiny model and a whole merge case as plain,
-hashable data: the public hypothesis strategies generate them and the ``tiny_merge_factory``
-fixture builds (and caches) them; :func:`build_case` builds one into a folder.
+:class:`ModelSpec`, :class:`AdapterSpec` and :class:`MergeSpec` name a tiny model, an adapter
+and a whole merge case as plain, hashable data: the public hypothesis strategies generate them
+and the ``tiny_merge_factory`` fixture builds (and caches) them; :func:`build_case` builds one
+case into a folder. The architectures' configs and module names are in
+:mod:`harness.tiny_configs` (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,198 +25,42 @@ from harness.checks.sidecars import SIDECAR_FILES
 from harness.evals.tokenizer import build_char_tokenizer
 from harness.io.models import auto_class, quiet, task_of
 from harness.merger import merge_checkpoint
+from harness.tiny_configs import (
+    ARCHITECTURES,
+    DTYPES,
+    ENCODERS,
+    MODULES,
+    NUM_LABELS,
+    TASKS,
+    TORCH_DTYPES,
+    Modules,
+    all_architectures,
+    model_config,
+)
 
-#: Tiny configs per architecture: (transformers config class name, keyword arguments).
-ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": (
-        "LlamaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "mistral": (
-        "MistralConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            sliding_window=None,
-            tie_word_embeddings=False,
-        ),
-    ),
-    # Qwen2 ties the output head to the input embedding.
-    "qwen2": (
-        "Qwen2Config",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        ),
-    ),
-    # GPT-2 uses Conv1D (weights stored (in, out)): LoRA needs fan_in_fan_out=True.
-    "gpt2": (
-        "GPT2Config",
-        dict(
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            vocab_size=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "gemma": (
-        "GemmaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=128,
-            max_position_embeddings=128,
-        ),
-    ),
-    "phi3": (
-        "Phi3Config",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        ),
-    ),
-}
-
-#: Encoder-only architectures (sequence classification and feature extraction, not causal LM).
-ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bert": (
-        "BertConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=128,
-            max_position_embeddings=128,
-            pad_token_id=0,
-        ),
-    ),
-}
-
-_MOE = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=128,
-            tie_word_embeddings=False, num_experts_per_tok=2)
-#: Mixture-of-experts decoders (4 experts): transformers 5 fuses their experts into 3-d
-#: parameters that LoRA adapts through ``target_parameters`` (:data:`MOE_PARAMETERS`). Not drawn
-#: by the default strategies.
-MOE: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, moe_intermediate_size=24, num_experts=4)),
-    "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4)),
-    "gpt_oss": ("GptOssConfig", dict(_MOE, num_local_experts=4, layer_types=[
-        "sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
-                                                                 "rope_theta": 150000.0})),
-}
-#: Each MoE architecture's ``target_parameters``: the two expert stacks, then the router.
-MOE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
-    "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
-    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"),
-}
-
-
-@dataclass(frozen=True)
-class Modules:
-    """Module names of an architecture, as LoRA's ``target_modules`` and patterns match them."""
-
-    #: Short names of the linear (or GPT-2 ``Conv1D``) layers inside each block.
-    linear: tuple[str, ...]
-    #: The input embedding module (embedding LoRA targets it).
-    embedding: str
-    #: The output head of a causal LM.
-    head: str
-    #: Whether the head shares the input embedding's weight.
-    tied: bool
-    #: Whether the layers are GPT-2 ``Conv1D`` (``fan_in_fan_out=True``).
-    conv1d: bool = False
-    #: The classification head of ``*ForSequenceClassification``.
-    classifier: str = "score"
-    #: The config key of the layer count.
-    layers_key: str = "num_hidden_layers"
-
-
-_DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODULES: dict[str, Modules] = {
-    "llama": Modules(_DECODER, "embed_tokens", "lm_head", tied=False),
-    "mistral": Modules(_DECODER, "embed_tokens", "lm_head", tied=False),
-    "qwen2": Modules(_DECODER, "embed_tokens", "lm_head", tied=True),
-    "gemma": Modules(_DECODER, "embed_tokens", "lm_head", tied=True),
-    "phi3": Modules(
-        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "embed_tokens", "lm_head", tied=False
-    ),
-    "gpt2": Modules(
-        ("c_attn", "c_proj", "c_fc"), "wte", "lm_head", tied=True, conv1d=True, layers_key="n_layer"
-    ),
-    "bert": Modules(
-        ("query", "key", "value", "dense"),
-        "word_embeddings",
-        "classifier",
-        tied=False,
-        classifier="classifier",
-    ),
-    **{arch: Modules(_DECODER[:4], "embed_tokens", "lm_head", tied=False) for arch in MOE},
-}
-
-#: Tasks the tiny builders support (peft ``task_type`` names).
-TASKS = ("CAUSAL_LM", "SEQ_CLS")
-_TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-DTYPES = tuple(_TORCH_DTYPES)
-#: Labels of the tiny classification heads.
-NUM_LABELS = 3
-
-
-def model_config(arch: str = "llama", **overrides: Any) -> Any:
-    """A transformers config for a tiny model of ``arch``."""
-    import transformers
-
-    table = ARCHITECTURES.get(arch) or ENCODERS.get(arch) or MOE.get(arch)
-    if table is None:
-        raise KeyError(
-            f"unknown tiny architecture {arch!r} (known: {', '.join(all_architectures())})"
-        )
-    class_name, kwargs = table
-    return getattr(transformers, class_name)(**{**kwargs, **overrides})
-
-
-def all_architectures() -> tuple[str, ...]:
-    """Every tiny architecture: the causal LMs, the encoders, then the MoE decoders."""
-    return (*ARCHITECTURES, *ENCODERS, *MOE)
+__all__ = [
+    "ARCHITECTURES",
+    "DTYPES",
+    "ENCODERS",
+    "MODULES",
+    "NUM_LABELS",
+    "PEFT_TYPES",
+    "TASKS",
+    "TORCH_DTYPES",
+    "AdapterSpec",
+    "BuiltMerge",
+    "MergeSpec",
+    "ModelSpec",
+    "Modules",
+    "all_architectures",
+    "build_adapter",
+    "build_base",
+    "build_case",
+    "build_merge",
+    "copy_sidecars",
+    "model_config",
+    "peft_merge",
+]
 
 
 def build_base(
@@ -245,14 +92,13 @@ def build_base(
     torch.manual_seed(seed)
     config = model_config(arch, **overrides)
     model = auto_class(task).from_config(config)
-    model = model.to(getattr(torch, _TORCH_DTYPES[dtype]))
+    model = model.to(getattr(torch, TORCH_DTYPES[dtype]))
     kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     with quiet():
         model.save_pretrained(folder, **kwargs)
     if tokenizer:
-
         build_char_tokenizer(folder, int(config.vocab_size))
     return folder
 
@@ -266,7 +112,6 @@ _CACHE_ENTRIES = 16
 def _load_base(folder: Path, task: str, dtype: Any) -> Any:
     """``from_pretrained`` of a base, from an in-memory copy for small (tiny) checkpoints."""
     import copy
-
 
     files = sorted(folder.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
@@ -284,29 +129,55 @@ def _load_base(folder: Path, task: str, dtype: Any) -> Any:
 
 
 def _task_of(folder: Path, lora: Mapping[str, Any]) -> str:
-
     config = json.loads((folder / "config.json").read_text())
     task = lora.get("task_type")
     return task_of({"task_type": str(task)} if task else None, config)
 
 
-def build_adapter(base: Path, folder: Path, seed: int = 1, scale: float = 0.5, **lora: Any) -> Path:
-    """Save a LoRA adapter for ``base`` with random non-zero weights; ``lora`` -> LoraConfig.
+#: peft types the tiny builders make adapters of, and the peft config class of each.
+_PEFT_CONFIGS = {
+    "LORA": "LoraConfig",
+    "IA3": "IA3Config",
+    "LOHA": "LoHaConfig",
+    "LOKR": "LoKrConfig",
+}
+PEFT_TYPES = tuple(_PEFT_CONFIGS)
+#: ``LoraConfig`` defaults of the tiny LoRA adapters (every linear layer, rank 4, alpha 8).
+_LORA_DEFAULTS = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 
-    Every trainable tensor (``lora_A``/``lora_B``, DoRA magnitudes, embedding LoRA, copies of
-    ``modules_to_save``) gets Gaussian noise of standard deviation ``scale`` added.
+
+def build_adapter(
+    base: Path,
+    folder: Path,
+    seed: int = 1,
+    scale: float = 0.5,
+    *,
+    peft_type: str = "LORA",
+    **config: Any,
+) -> Path:
+    """Save a peft adapter for ``base`` with random non-zero weights.
+
+    ``config`` holds the keyword arguments of the ``peft_type``'s config class: ``LoraConfig``
+    for ``LORA`` (``r=4, lora_alpha=8, target_modules="all-linear"`` unless given),
+    ``IA3Config``, ``LoHaConfig`` or ``LoKrConfig`` (as given) for ``IA3``, ``LOHA``, ``LOKR``.
+    Every trainable tensor (``lora_A``/``lora_B``, DoRA magnitudes, embedding LoRA, IA3 vectors,
+    LoHa/LoKr factors, copies of ``modules_to_save``) gets Gaussian noise of standard deviation
+    ``scale`` added, so the merge really changes the weights.
     """
+    import peft
     import torch
-    from peft import LoraConfig, get_peft_model
 
-
-    task = _task_of(base, lora)
+    if peft_type not in _PEFT_CONFIGS:
+        raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
+    task = _task_of(base, config)
     if task == "SEQ_CLS":
-        lora = {"task_type": "SEQ_CLS", **lora}
+        config = {"task_type": "SEQ_CLS", **config}
+    if peft_type == "LORA":
+        config = {**_LORA_DEFAULTS, **config}
     model = _load_base(base, task, torch.float32)
     with quiet():
-        config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora})
-        peft_model = get_peft_model(model, config)
+        peft_config = getattr(peft, _PEFT_CONFIGS[peft_type])(**config)
+        peft_model = peft.get_peft_model(model, peft_config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in peft_model.parameters():
@@ -328,20 +199,25 @@ def _set_base_path(folder: Path, base: Path) -> None:
 
 def peft_merge(
     base: Path,
-    adapter: Path,
+    adapter: Path | Sequence[Path],
     folder: Path,
     max_shard_size: str | int | None = None,
     config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Merge with peft's own ``merge_and_unload`` and save, in the base's dtype."""
+    """Merge with peft's own ``merge_and_unload`` and save, in the base's dtype.
+
+    Several adapters are merged one after the other, in order, each into the previous merge.
+    """
     from peft import PeftModel
 
-
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    task = _task_of(base, adapter_config)
-    model = _load_base(base, task, "auto")
+    adapters = (
+        [Path(adapter)] if isinstance(adapter, (str, os.PathLike)) else [Path(a) for a in adapter]
+    )
+    adapter_config = json.loads((adapters[0] / "adapter_config.json").read_text())
+    merged = _load_base(base, _task_of(base, adapter_config), "auto")
     with quiet():
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        for each in adapters:
+            merged = PeftModel.from_pretrained(merged, each).merge_and_unload()
     for key, value in (config_overrides or {}).items():
         setattr(merged.config, key, value)
     kwargs: dict[str, Any] = {}
@@ -349,6 +225,30 @@ def peft_merge(
         kwargs["max_shard_size"] = max_shard_size
     with quiet():
         merged.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def build_merge(
+    base: Path,
+    adapters: Sequence[Path],
+    folder: Path,
+    *,
+    method: str = "peft",
+    shard: str | int | None = None,
+) -> Path:
+    """Merge ``adapters`` (in order) into ``base`` and save the merge to ``folder``.
+
+    ``method``: ``peft`` (``merge_and_unload``, then the base's tokenizer files and
+    ``generation_config.json`` copied as a merge script should) or ``harness`` (the streaming
+    merger, which copies them itself). ``shard`` is the ``max_shard_size`` of the merge (None:
+    peft writes one file, the streaming merger keeps the base's shard plan).
+    """
+    if method == "harness":
+        return merge_checkpoint(base, list(adapters), folder, max_shard_size=shard, progress=False)
+    if method != "peft":
+        raise ValueError(f"method must be 'peft' or 'harness', got {method!r}")
+    peft_merge(base, adapters, folder, max_shard_size=shard)
+    copy_sidecars(base, folder)
     return folder
 
 
@@ -364,8 +264,8 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _thaw_lora(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    """LoraConfig keyword arguments back from their frozen form."""
+def _thaw(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """Config keyword arguments back from their frozen form."""
     out: dict[str, Any] = {}
     for key, value in items:
         if key in ("rank_pattern", "alpha_pattern"):
@@ -379,18 +279,24 @@ def _thaw_lora(items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A tiny model to build: architecture, stored dtype, task, seed and config overrides."""
+    """A tiny model to build: architecture, stored dtype, task, seed and config overrides.
+
+    ``shard`` saves the checkpoint in shards of that ``max_shard_size`` (``"20KB"`` or bytes;
+    None: one file); ``tokenizer`` saves a character-level tokenizer with it.
+    """
 
     arch: str = "llama"
     dtype: str = "F32"
     task: str = "CAUSAL_LM"
     seed: int = 0
     overrides: tuple[tuple[str, Any], ...] = ()
+    shard: str | int | None = None
+    tokenizer: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in all_architectures():
             raise ValueError(f"unknown tiny architecture {self.arch!r}")
-        if self.dtype not in _TORCH_DTYPES:
+        if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
@@ -401,26 +307,74 @@ class ModelSpec:
         """The architecture's module names."""
         return MODULES[self.arch]
 
-    def build(self, folder: Path, *, tokenizer: bool = True) -> Path:
-        """Save this model (and a tokenizer) to ``folder``."""
+    def build(self, folder: Path, *, tokenizer: bool | None = None) -> Path:
+        """Save this model to ``folder``.
+
+        A tokenizer is saved too unless ``tokenizer`` (by default the spec's own) is False.
+        """
         return build_base(
             folder,
             self.arch,
             self.dtype,
             self.seed,
+            self.shard,
             task=self.task,
-            tokenizer=tokenizer,
+            tokenizer=self.tokenizer if tokenizer is None else tokenizer,
             **dict(self.overrides),
+        )
+
+    def key_parts(self) -> list[Any]:
+        """The spec as plain values, for cache keys.
+
+        ``shard`` and ``tokenizer`` appear only when not the defaults, so the keys of specs
+        that leave them alone read as before those fields existed.
+        """
+        parts = [self.arch, self.dtype, self.task, self.seed, self.overrides]
+        if self.shard is not None or not self.tokenizer:
+            parts += [self.shard, self.tokenizer]
+        return parts
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter to build on a tiny model: its peft type, config, seed and weight noise.
+
+    ``config`` holds the keyword arguments of the peft type's config class (``LoraConfig`` for
+    ``LORA``, ``IA3Config``, ``LoHaConfig``, ``LoKrConfig``), frozen to tuples;
+    :attr:`config_kwargs` gives them back as a dict. See :func:`build_adapter`.
+    """
+
+    config: tuple[tuple[str, Any], ...] = ()
+    seed: int = 1
+    scale: float = 0.5
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        if self.peft_type not in PEFT_TYPES:
+            raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {self.peft_type!r}")
+        object.__setattr__(self, "config", _freeze(dict(self.config)))
+
+    @property
+    def config_kwargs(self) -> dict[str, Any]:
+        """The config class's keyword arguments."""
+        return _thaw(self.config)
+
+    def build(self, base: Path, folder: Path) -> Path:
+        """Save this adapter for ``base`` to ``folder``."""
+        return build_adapter(
+            base, folder, self.seed, self.scale, peft_type=self.peft_type, **self.config_kwargs
         )
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """A whole merge case: a tiny model, a LoRA config, the adapter's noise, and who merges.
+    """A whole merge case: a tiny model, an adapter config, the adapter's noise, who merges.
 
-    ``lora`` holds ``LoraConfig`` keyword arguments (frozen to tuples; :attr:`lora_kwargs` gives
-    them back as a dict). ``method`` is ``peft`` (``merge_and_unload``) or ``harness`` (the
-    streaming merger).
+    ``lora`` holds the adapter config's keyword arguments (``LoraConfig`` ones for the default
+    ``peft_type="LORA"``; ``IA3Config``, ``LoHaConfig``, ``LoKrConfig`` ones for ``IA3``,
+    ``LOHA``, ``LOKR``), frozen to tuples; :attr:`lora_kwargs` gives them back as a dict.
+    ``method`` is ``peft`` (``merge_and_unload``) or ``harness`` (the streaming merger).
+    ``shard`` saves the merge in shards of that ``max_shard_size`` (see :func:`build_merge`).
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -428,36 +382,44 @@ class MergeSpec:
     adapter_seed: int = 1
     scale: float = 0.5
     method: str = "peft"
+    peft_type: str = "LORA"
+    shard: str | int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("peft", "harness"):
             raise ValueError(f"method must be 'peft' or 'harness', got {self.method!r}")
         object.__setattr__(self, "lora", _freeze(dict(self.lora)))
+        if self.peft_type not in PEFT_TYPES:
+            raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {self.peft_type!r}")
 
     @property
     def lora_kwargs(self) -> dict[str, Any]:
-        """The ``LoraConfig`` keyword arguments."""
-        return _thaw_lora(self.lora)
+        """The adapter config's keyword arguments."""
+        return _thaw(self.lora)
+
+    @property
+    def adapter_spec(self) -> AdapterSpec:
+        """The adapter part of the case."""
+        return AdapterSpec(self.lora, self.adapter_seed, self.scale, self.peft_type)
 
     def key(self) -> str:
-        """A stable text key (the cache key of the factory fixture)."""
-        return json.dumps(
-            {
-                "model": [
-                    self.model.arch,
-                    self.model.dtype,
-                    self.model.task,
-                    self.model.seed,
-                    self.model.overrides,
-                ],
-                "lora": self.lora,
-                "adapter_seed": self.adapter_seed,
-                "scale": self.scale,
-                "method": self.method,
-            },
-            sort_keys=True,
-            default=repr,
-        )
+        """A stable text key (the cache key of the factory fixture).
+
+        ``peft_type`` and ``shard`` appear only when not the defaults, so the keys of LoRA
+        cases saved in one file read as before those fields existed.
+        """
+        data: dict[str, Any] = {
+            "model": self.model.key_parts(),
+            "lora": self.lora,
+            "adapter_seed": self.adapter_seed,
+            "scale": self.scale,
+            "method": self.method,
+        }
+        if self.peft_type != "LORA":
+            data["peft_type"] = self.peft_type
+        if self.shard is not None:
+            data["shard"] = self.shard
+        return json.dumps(data, sort_keys=True, default=repr)
 
 
 @dataclass(frozen=True)
@@ -481,14 +443,6 @@ def build_case(spec: MergeSpec, folder: Path, *, base: Path | None = None) -> Bu
     folder.mkdir(parents=True, exist_ok=True)
     if base is None:
         base = spec.model.build(folder / "base")
-    adapter = build_adapter(
-        base, folder / "adapter", seed=spec.adapter_seed, scale=spec.scale, **spec.lora_kwargs
-    )
-    merged = folder / "merged"
-    if spec.method == "harness":
-
-        merge_checkpoint(base, adapter, merged, progress=False)
-    else:
-        peft_merge(base, adapter, merged)
-        copy_sidecars(base, merged)
+    adapter = spec.adapter_spec.build(base, folder / "adapter")
+    merged = build_merge(base, [adapter], folder / "merged", method=spec.method, shard=spec.shard)
     return BuiltMerge(base, adapter, merged)

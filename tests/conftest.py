@@ -1,9 +1,13 @@
-"""Shared fixtures of the harness's own tests: tiny real merges built once per session."""
+"""Shared fixtures of the harness's own tests: tiny real merges built once per session.
+
+Every tiny model, adapter and merge comes from the plugin's public ``tiny_merge_factory`` (one
+cache per session); ``tiny_llama*`` and ``workshop`` are views of it. Helpers the test modules
+import live in the ``support`` package next to this file.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # Like the root conftest's pre-imports: pytester's in-process runs evict modules first imported
@@ -11,28 +15,21 @@ from pathlib import Path
 # extension types), so a second in-process benchmark run would fail.
 import datasets  # noqa: F401
 import pytest
-from guard import GUARD, committed_files
+from support.guard import GUARD, committed_files
+from support.workshop import Workshop
 
-from harness.tiny import build_adapter, build_base, peft_merge
+from harness.case import MergeCase
+from harness.plugin.fixtures import TinyMergeFactory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-@dataclass(frozen=True)
-class TinyMerge:
-    """Paths of a tiny base, its adapter and peft's merge of the two."""
-
-    base: Path
-    adapter: Path
-    merged: Path
-
-
-def _build(root: Path, dtype: str, shard: str | None = None) -> TinyMerge:
-    base = build_base(root / "base", dtype=dtype, max_shard_size=shard)
-    adapter = build_adapter(base, root / "adapter")
-    merged = peft_merge(base, adapter, root / "merged", max_shard_size=shard)
-    GUARD.watch(root)  # every test must leave the session's merges as built
-    return TinyMerge(base, adapter, merged)
+def _watched(case: MergeCase) -> MergeCase:
+    """``case``, its folders watched: every test must leave the session's merges as built."""
+    for folder in (case.base, case.adapter, case.merged):
+        assert folder is not None
+        GUARD.watch(folder)
+    return case
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,18 +43,28 @@ def inputs_unchanged() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
-    """A correct peft merge of a tiny fp32 Llama (single-file checkpoints)."""
-    return _build(tmp_path_factory.mktemp("llama-f32"), "F32")
+def tiny_llama(tiny_merge_factory: TinyMergeFactory) -> MergeCase:
+    """A correct peft merge of a tiny fp32 Llama (single-file checkpoints, no tokenizer)."""
+    return _watched(tiny_merge_factory(arch="llama", dtype="F32", tokenizer=False))
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
-    """A correct peft merge of a tiny bf16 Llama (single-file checkpoints)."""
-    return _build(tmp_path_factory.mktemp("llama-bf16"), "BF16")
+def tiny_llama_bf16(tiny_merge_factory: TinyMergeFactory) -> MergeCase:
+    """A correct peft merge of a tiny bf16 Llama (single-file checkpoints, no tokenizer)."""
+    return _watched(tiny_merge_factory(arch="llama", dtype="BF16", tokenizer=False))
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_sharded(tmp_path_factory: pytest.TempPathFactory) -> TinyMerge:
+def tiny_llama_sharded(tiny_merge_factory: TinyMergeFactory) -> MergeCase:
     """A correct peft merge of a tiny bf16 Llama, base and merge saved in several shards."""
-    return _build(tmp_path_factory.mktemp("llama-sharded"), "BF16", shard="20KB")
+    return _watched(
+        tiny_merge_factory(arch="llama", dtype="BF16", shard="20KB", tokenizer=False)
+    )
+
+
+@pytest.fixture(scope="session")
+def workshop(
+    tiny_merge_factory: TinyMergeFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Workshop:
+    """Tiny bases, adapters and merges as folders (the session's factory cache, step by step)."""
+    return Workshop(tiny_merge_factory, tmp_path_factory.mktemp("workshop-scratch"))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import DTYPE_ROTATION, FAULTS, inject, retie
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
+from support.faults import DTYPE_ROTATION, FAULTS, inject, retie
 
 from harness.behaviour import models as behaviour_models
 from harness.behaviour.measure import C_MAX
@@ -61,6 +61,7 @@ def explain(result: CheckResult) -> str:
 # ---- zero false alarms -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(
     max_examples=CORRECT_MERGES,
     deadline=None,

@@ -30,9 +30,8 @@ from harness.run.context import Context
 from harness.run.result import Outcome
 from harness.run.settings import Settings
 
-pytest.importorskip("lm_eval")
 # Imported before any in-process pytester run elsewhere in the session (see test_lock.py).
-pytest.importorskip("datasets")
+pytest.importorskip("lm_eval")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TASK_YAML = """

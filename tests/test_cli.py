@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from oracle_cases import read_tensors, workshop  # noqa: F401 - the fixture
+from support.checkpoints import read_tensors
 
 from harness import cli
 from harness.io.checkpoint import Checkpoint
 from harness.stream.hashing import hash_checkpoint
 
 
-def test_hash_prints_the_canonical_digest(workshop, capsys):  # noqa: F811
+def test_hash_prints_the_canonical_digest(workshop, capsys):
     base = workshop.base("llama", "BF16")
     assert cli.main(["hash", str(base)]) == 0
     digest, path = capsys.readouterr().out.split()
@@ -20,7 +20,7 @@ def test_hash_prints_the_canonical_digest(workshop, capsys):  # noqa: F811
     assert path == str(base)
 
 
-def test_hash_json_is_the_manifest(workshop, capsys):  # noqa: F811
+def test_hash_json_is_the_manifest(workshop, capsys):
     base = workshop.base("llama", "BF16", shard="20KB")
     assert cli.main(["hash", "--json", str(base)]) == 0
     manifest = json.loads(capsys.readouterr().out)
@@ -38,7 +38,7 @@ def test_bad_input_is_one_line_and_exit_4(tmp_path, capsys, argv, monkeypatch):
     assert "Traceback" not in err
 
 
-def test_merge_writes_the_merge(workshop, tmp_path, capsys):  # noqa: F811
+def test_merge_writes_the_merge(workshop, tmp_path, capsys):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     out = tmp_path / "merged"
@@ -53,7 +53,7 @@ def test_merge_writes_the_merge(workshop, tmp_path, capsys):  # noqa: F811
     assert len(list(out.glob("*.safetensors"))) == 3
 
 
-def test_merge_takes_several_adapters_in_order(workshop, tmp_path):  # noqa: F811
+def test_merge_takes_several_adapters_in_order(workshop, tmp_path):
     base = workshop.base("llama", "BF16")
     first = workshop.adapter(base, seed=1, target_modules=["q_proj"])
     second = workshop.adapter(base, seed=2, target_modules=["q_proj", "v_proj"])

@@ -9,9 +9,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle_cases import read_tensors, workshop  # noqa: F401 - the fixture
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
+from support.checkpoints import read_tensors
+from support.oracle import oracle
 
 from harness.deltas import REGISTRY, Target, plan_adapter, plan_adapters
 from harness.deltas.apply import reference_tensor
@@ -81,7 +82,7 @@ def _edit_config(folder, **changes):
 
 
 @pytest.fixture(scope="module")
-def llama(workshop):  # noqa: F811
+def llama(workshop):
     base = workshop.base("llama", "F32")
     return base, workshop.adapter(base, target_modules=["q_proj", "v_proj"])
 
@@ -143,7 +144,7 @@ def test_an_adapter_without_weights_is_refused(tmp_path, llama):
         validate_config(Adapter.open(folder))
 
 
-def test_lora_bias_on_a_layer_without_bias_is_refused(workshop):  # noqa: F811
+def test_lora_bias_on_a_layer_without_bias_is_refused(workshop):
     # peft warns and cannot merge it either
     llama = workshop.base("llama", "F32")
     qwen = workshop.base("qwen2", "F32")
@@ -230,7 +231,7 @@ def _assert_reference_is_peft(base, adapter, merged, exact):
     ],
     ids=["lora", "rslora", "patterns", "conv1d", "embedding", "dora", "bias", "mts", "tokens"],
 )
-def test_lora_references_equal_peft_merges(workshop, arch, lora):  # noqa: F811
+def test_lora_references_equal_peft_merges(workshop, arch, lora):
     base = workshop.base(arch, "F32")
     adapter = workshop.adapter(base, **lora)
     _assert_reference_is_peft(base, adapter, workshop.peft(base, adapter), exact=1e-5)
@@ -248,9 +249,7 @@ def test_lora_references_equal_peft_merges(workshop, arch, lora):  # noqa: F811
     ],
     ids=["ia3", "loha", "lokr", "lokr-decomposed"],
 )
-def test_other_types_reference_and_merge_equal_peft(workshop, peft_type, config):  # noqa: F811
-    from oracle_cases import oracle
-
+def test_other_types_reference_and_merge_equal_peft(workshop, peft_type, config):
     base = workshop.base("llama", "F32")
     adapter = workshop.other_adapter(base, peft_type, **config)
     merged = workshop.peft(base, adapter)

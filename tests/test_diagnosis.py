@@ -1,6 +1,6 @@
 """Each fault injected into a correct merge fails with the right diagnosis; none on correct ones.
 
-Faults are made with plain torch arithmetic on the adapter's raw tensors (``oracle_cases``), the
+Faults are made with plain torch arithmetic on the adapter's raw tensors (``support.oracle``), the
 way a faulty merge script would, or with peft itself (a tied embedding kept tied).
 """
 
@@ -14,23 +14,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle_cases import (
-    lora_deltas,
-    oracle,
-    read_tensors,
-    rounded,
-    weight_results,
-    workshop,  # noqa: F401 - the fixture
-    write_faulty,
-)
 from safetensors.torch import load_file, save_file
+from support.checkpoints import read_tensors, write_faulty
+from support.oracle import lora_deltas, oracle, rounded, weight_results
 
 from harness.oracle.diagnosis import NO_FIT
 from harness.run.result import Outcome
 
 
 @pytest.fixture(scope="module")
-def llama(workshop):  # noqa: F811
+def llama(workshop):
     """A bf16 Llama, an all-linear adapter, our correct merge and the raw deltas."""
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
@@ -50,7 +43,7 @@ def diagnosis_of(result, name):
     return found.diagnosis
 
 
-def inject(workshop, merged, name, replace):  # noqa: F811
+def inject(workshop, merged, name, replace):
     return write_faulty(merged, workshop.folder(name), replace)
 
 
@@ -65,7 +58,7 @@ def inject(workshop, merged, name, replace):  # noqa: F811
         ("not applied", 0.0, "adapter not applied"),
     ],
 )
-def test_scale_faults(workshop, llama, fault, factor, expected):  # noqa: F811
+def test_scale_faults(workshop, llama, fault, factor, expected):
     base, adapter, merged, w, deltas = llama
     if factor is None:
         faulty = rounded(w[Q0], deltas[Q0], deltas[Q0])
@@ -77,7 +70,7 @@ def test_scale_faults(workshop, llama, fault, factor, expected):  # noqa: F811
     assert [t.name for t in result.tensors if not t.ok] == [Q0]
 
 
-def test_every_check_names_its_fault_in_one_line(workshop, llama):  # noqa: F811
+def test_every_check_names_its_fault_in_one_line(workshop, llama):
     base, adapter, merged, w, deltas = llama
     out = inject(workshop, merged, "two-faults", {
         Q0: rounded(w[Q0], deltas[Q0] * 2),
@@ -103,14 +96,14 @@ def test_every_check_names_its_fault_in_one_line(workshop, llama):  # noqa: F811
     assert results["modules_to_save"].outcome is Outcome.SKIPPED
 
 
-def test_delta_from_another_layer(workshop, llama):  # noqa: F811
+def test_delta_from_another_layer(workshop, llama):
     base, adapter, merged, w, deltas = llama
     out = inject(workshop, merged, "wrong-layer", {Q0: rounded(w[Q0], deltas[Q1])})
     assert "delta of model.layers.1.self_attn.q_proj applied here" in diagnosis_of(
         oracle(out, base, adapter), Q0)
 
 
-def test_delta_on_a_non_target_tensor(workshop):  # noqa: F811
+def test_delta_on_a_non_target_tensor(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"])
     merged = workshop.ours(base, adapter)
@@ -122,7 +115,7 @@ def test_delta_on_a_non_target_tensor(workshop):  # noqa: F811
         oracle(out, base, adapter), o_proj)
 
 
-def test_a_different_adapter(workshop, llama):  # noqa: F811
+def test_a_different_adapter(workshop, llama):
     base, adapter, _, _, _ = llama
     other = workshop.adapter(base, seed=7)
     result = oracle(workshop.ours(base, other), base, adapter)
@@ -130,7 +123,7 @@ def test_a_different_adapter(workshop, llama):  # noqa: F811
     assert len([t for t in result.tensors if not t.ok]) == 14
 
 
-def test_transposed_conv1d_delta(workshop):  # noqa: F811
+def test_transposed_conv1d_delta(workshop):
     base = workshop.base("gpt2", "BF16")
     adapter = workshop.adapter(base, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     merged = workshop.ours(base, adapter)
@@ -148,7 +141,7 @@ def test_transposed_conv1d_delta(workshop):  # noqa: F811
     assert "delta reshaped, not transposed" in diagnosis_of(result, wide)
 
 
-def test_rslora_and_pattern_faults(workshop):  # noqa: F811
+def test_rslora_and_pattern_faults(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16,
                                use_rslora=True, alpha_pattern={"v_proj": 48})
@@ -165,7 +158,7 @@ def test_rslora_and_pattern_faults(workshop):  # noqa: F811
     assert "alpha_pattern ignored (alpha=16 used)" in diagnosis_of(result, v0)
 
 
-def test_dora_magnitude_ignored(workshop):  # noqa: F811
+def test_dora_magnitude_ignored(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj"], use_dora=True)
     merged = workshop.ours(base, adapter)
@@ -178,7 +171,7 @@ def test_dora_magnitude_ignored(workshop):  # noqa: F811
     assert "DoRA magnitude ignored" in diagnosis_of(oracle(out, base, adapter), Q0)
 
 
-def test_modules_to_save_not_written(workshop):  # noqa: F811
+def test_modules_to_save_not_written(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj"], modules_to_save=["lm_head"])
     merged = workshop.ours(base, adapter)
@@ -190,7 +183,7 @@ def test_modules_to_save_not_written(workshop):  # noqa: F811
     assert results["targeted_match_reference"].outcome is Outcome.PASSED
 
 
-def test_peft_keeps_a_tied_embedding_tied(workshop):  # noqa: F811
+def test_peft_keeps_a_tied_embedding_tied(workshop):
     # peft's merge_and_unload writes the embedding delta into the shared tensor, so the output
     # head changes although the unmerged adapter model leaves it alone (peft#2777).
     base = workshop.base("qwen2", "BF16")
@@ -204,7 +197,7 @@ def test_peft_keeps_a_tied_embedding_tied(workshop):  # noqa: F811
     assert results["targeted_match_reference"].outcome is Outcome.PASSED
 
 
-def test_tied_head_lora_lands_in_the_embedding(workshop):  # noqa: F811
+def test_tied_head_lora_lands_in_the_embedding(workshop):
     base = workshop.base("qwen2", "BF16")
     adapter = workshop.adapter(base, target_modules=["lm_head"])
     result = oracle(workshop.peft(base, adapter), base, adapter)
@@ -212,7 +205,7 @@ def test_tied_head_lora_lands_in_the_embedding(workshop):  # noqa: F811
     assert all(t.ok for t in oracle(workshop.ours(base, adapter), base, adapter).tensors)
 
 
-def test_a_no_op_merge_of_a_tiny_delta_is_caught(workshop):  # noqa: F811
+def test_a_no_op_merge_of_a_tiny_delta_is_caught(workshop):
     # Weights near 1 have a bf16 ULP of 2^-7; a delta below 2^-7 passes the 1-ULP tolerance
     # even when it was never added, so only the change requirement can catch the no-op.
     base = workshop.folder("tiny-delta-base")
@@ -268,7 +261,7 @@ def merge_cases(draw):
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=merge_cases(), scale=st.sampled_from(sorted(SCALES)), pick=st.randoms())
-def test_property_no_false_alarm_and_every_fault_caught(workshop, case, scale, pick):  # noqa: F811
+def test_property_no_false_alarm_and_every_fault_caught(workshop, case, scale, pick):
     arch, dtype, lora, fault, seed = case
     base = workshop.base(arch, dtype)
     adapter = workshop.adapter(base, seed=seed % 5 + 1, **lora)
@@ -309,7 +302,7 @@ def test_property_no_false_alarm_and_every_fault_caught(workshop, case, scale, p
     assert set(failing) == {name}
 
 
-def test_no_known_fault_is_said_plainly(workshop, llama):  # noqa: F811
+def test_no_known_fault_is_said_plainly(workshop, llama):
     base, adapter, merged, w, _ = llama
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(w[Q0].shape, generator=generator) * 0.05  # full rank, not a delta
@@ -317,7 +310,7 @@ def test_no_known_fault_is_said_plainly(workshop, llama):  # noqa: F811
     assert diagnosis_of(oracle(out, base, adapter), Q0) == NO_FIT
 
 
-def test_config_of_faulty_checkpoints_is_untouched(workshop, llama):  # noqa: F811
+def test_config_of_faulty_checkpoints_is_untouched(workshop, llama):
     _, _, merged, _, _ = llama
     out = inject(workshop, merged, "config", {})
     assert json.loads((out / "config.json").read_text()) == json.loads(

@@ -13,15 +13,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from support.checkpoints import copy_checkpoint, rewrite
+
 from harness.errors import ConfigError
 from harness.gate.lockfile import FORMAT, Lock, dumps, read_lock, write_lock
 from harness.io.adapter import Adapter
 from harness.stream.hashing import adapter_digest
-from tests.helpers import copy_checkpoint, rewrite
 
 # Imported before any in-process pytester run: pytester removes modules first imported during a
-# run, and datasets cannot be imported twice in one process (pyarrow extension types).
-pytest.importorskip("datasets")
+# run (tests/conftest.py imports datasets, which cannot be imported twice, for the same reason).
 pytest.importorskip("lm_eval")
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

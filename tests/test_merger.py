@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from oracle_cases import oracle, read_tensors, workshop  # noqa: F401 - the fixture
+from support.checkpoints import read_tensors
+from support.oracle import oracle
 
 from harness.errors import HarnessError
 from harness.io.checkpoint import INDEX_FILE, Checkpoint
@@ -51,7 +52,7 @@ def assert_same_merge(ours, theirs):
 
 
 @pytest.mark.parametrize(("arch", "dtype", "lora"), CASES, ids=IDS)
-def test_merger_equals_peft_bit_for_bit(workshop, arch, dtype, lora):  # noqa: F811
+def test_merger_equals_peft_bit_for_bit(workshop, arch, dtype, lora):
     base = workshop.base(arch, dtype)
     adapter = workshop.adapter(base, **lora)
     before = hash_folder(base), hash_folder(adapter)
@@ -61,7 +62,7 @@ def test_merger_equals_peft_bit_for_bit(workshop, arch, dtype, lora):  # noqa: F
     assert all(t.ok for t in oracle(ours, base, adapter).tensors)
 
 
-def test_sharded_base_keeps_its_shard_plan(workshop):  # noqa: F811
+def test_sharded_base_keeps_its_shard_plan(workshop):
     base = workshop.base("llama", "BF16", shard="20KB")
     adapter = workshop.adapter(base)
     ours = workshop.ours(base, adapter)
@@ -77,7 +78,7 @@ def test_sharded_base_keeps_its_shard_plan(workshop):  # noqa: F811
 
 
 @pytest.mark.parametrize(("size", "files"), [("20KB", 3), (10**9, 1)])
-def test_max_shard_size_reshards(workshop, size, files):  # noqa: F811
+def test_max_shard_size_reshards(workshop, size, files):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     out = merge_checkpoint(base, adapter, workshop.folder(f"reshard-{size}"),
@@ -102,7 +103,7 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_tied_embedding_lora_is_untied(workshop):  # noqa: F811
+def test_tied_embedding_lora_is_untied(workshop):
     # The unmerged adapter changes the input embedding only; a tied merge would change the head.
     base = workshop.base("qwen2", "BF16")
     adapter = workshop.adapter(base, target_modules=["embed_tokens", "q_proj"])
@@ -116,7 +117,7 @@ def test_tied_embedding_lora_is_untied(workshop):  # noqa: F811
     assert all(t.ok for t in oracle(ours, base, adapter).tensors)
 
 
-def test_trainable_tokens_on_a_tied_model_stay_tied(workshop):  # noqa: F811
+def test_trainable_tokens_on_a_tied_model_stay_tied(workshop):
     base = workshop.base("qwen2", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj"], trainable_token_indices=[2, 4])
     ours = workshop.ours(base, adapter)
@@ -124,7 +125,7 @@ def test_trainable_tokens_on_a_tied_model_stay_tied(workshop):  # noqa: F811
     assert_same_merge(ours, workshop.peft(base, adapter))
 
 
-def test_adapters_merge_in_sequence(workshop):  # noqa: F811
+def test_adapters_merge_in_sequence(workshop):
     base = workshop.base("llama", "BF16")
     first = workshop.adapter(base, seed=1, target_modules=["q_proj", "v_proj"])
     second = workshop.adapter(base, seed=2, target_modules=["q_proj", "up_proj"], use_dora=True)
@@ -137,7 +138,7 @@ def test_adapters_merge_in_sequence(workshop):  # noqa: F811
     assert all(t.ok for t in oracle(both, base, [first, second]).tensors)
 
 
-def test_side_files_are_copied_and_adapter_tokenizers_win(workshop, tmp_path):  # noqa: F811
+def test_side_files_are_copied_and_adapter_tokenizers_win(workshop, tmp_path):
     import shutil
 
     base = tmp_path / "base"
@@ -158,7 +159,7 @@ def test_side_files_are_copied_and_adapter_tokenizers_win(workshop, tmp_path):  
         (base / "config.json").read_text())
 
 
-def test_existing_output_is_refused_unless_overwrite(workshop, tmp_path):  # noqa: F811
+def test_existing_output_is_refused_unless_overwrite(workshop, tmp_path):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     out = tmp_path / "out"
@@ -174,7 +175,7 @@ def test_existing_output_is_refused_unless_overwrite(workshop, tmp_path):  # noq
 
 
 @pytest.mark.parametrize("where", ["inside-base", "inside-adapter", "is-base", "contains-base"])
-def test_output_never_touches_the_inputs(workshop, tmp_path, where):  # noqa: F811
+def test_output_never_touches_the_inputs(workshop, tmp_path, where):
     import shutil
 
     base = tmp_path / "models" / "base"
@@ -189,7 +190,7 @@ def test_output_never_touches_the_inputs(workshop, tmp_path, where):  # noqa: F8
     assert (hash_folder(base), hash_folder(adapter)) == before
 
 
-def test_a_failed_merge_leaves_nothing(workshop, tmp_path):  # noqa: F811
+def test_a_failed_merge_leaves_nothing(workshop, tmp_path):
     import shutil
 
     adapter = tmp_path / "adapter"
@@ -203,7 +204,7 @@ def test_a_failed_merge_leaves_nothing(workshop, tmp_path):  # noqa: F811
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_a_write_error_cleans_up(workshop, tmp_path, monkeypatch):  # noqa: F811
+def test_a_write_error_cleans_up(workshop, tmp_path, monkeypatch):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     calls = {"n": 0}
@@ -221,7 +222,7 @@ def test_a_write_error_cleans_up(workshop, tmp_path, monkeypatch):  # noqa: F811
     assert list(tmp_path.iterdir()) == []
 
 
-def test_progress_bar(workshop, tmp_path, capsys):  # noqa: F811
+def test_progress_bar(workshop, tmp_path, capsys):
     base = workshop.base("llama", "BF16")
     merge_checkpoint(base, workshop.adapter(base), tmp_path / "out", progress=True)
     assert "merging" in capsys.readouterr().err

@@ -23,7 +23,8 @@ from harness.run.context import Context
 from harness.run.result import Outcome
 from harness.run.runner import run_check
 from harness.run.settings import Settings
-from harness.tiny import MOE, MOE_PARAMETERS, build_adapter, build_base, peft_merge
+from harness.tiny import build_adapter, build_base, peft_merge
+from harness.tiny_configs import MOE, MOE_PARAMETERS
 
 
 def _fused_copy(folder: Path, out: Path) -> Path:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from guard import NetworkGuard, install_family
 from safetensors.torch import load_file
+from support.guard import NetworkGuard, install_family
 
 from harness.errors import CheckpointError
 from harness.io.checkpoint import Checkpoint

@@ -7,16 +7,9 @@ import shutil
 
 import pytest
 import torch
-from oracle_cases import (
-    lora_deltas,
-    oracle,
-    read_tensors,
-    rounded,
-    weight_results,
-    workshop,  # noqa: F401 - the fixture
-    write_faulty,
-)
 from safetensors.torch import save_file
+from support.checkpoints import read_tensors, write_faulty
+from support.oracle import lora_deltas, oracle, rounded, weight_results
 
 from harness.checks import passes
 from harness.io.adapter import Adapter
@@ -49,7 +42,7 @@ IDS = ["llama-f32", "llama-bf16", "llama-f16", "sharded", "rslora", "patterns", 
 
 @pytest.mark.parametrize("merger", ["peft", "ours"])
 @pytest.mark.parametrize(("arch", "dtype", "shard", "lora"), CORRECT, ids=IDS)
-def test_correct_merges_pass(workshop, arch, dtype, shard, lora, merger):  # noqa: F811
+def test_correct_merges_pass(workshop, arch, dtype, shard, lora, merger):
     base = workshop.base(arch, dtype, shard)
     adapter = workshop.adapter(base, **lora)
     merged = workshop.peft(base, adapter) if merger == "peft" else workshop.ours(base, adapter)
@@ -61,14 +54,14 @@ def test_correct_merges_pass(workshop, arch, dtype, shard, lora, merger):  # noq
     assert all(t.ok for t in oracle(merged, base, adapter, k=0.5).tensors)
 
 
-def test_without_rounding_allowance_a_correct_bf16_merge_fails(workshop):  # noqa: F811
+def test_without_rounding_allowance_a_correct_bf16_merge_fails(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     result = oracle(workshop.ours(base, adapter), base, adapter, k=0.0)
     assert any(not t.ok for t in result.tensors)
 
 
-def test_one_pass_reads_each_tensor_once_and_yields_both_scans(workshop):  # noqa: F811
+def test_one_pass_reads_each_tensor_once_and_yields_both_scans(workshop):
     base = workshop.base("llama", "BF16", "20KB")
     adapter = workshop.adapter(base)
     merged = workshop.ours(base, adapter)
@@ -80,7 +73,7 @@ def test_one_pass_reads_each_tensor_once_and_yields_both_scans(workshop):  # noq
     assert merged_scan.nonfinite == {}
 
 
-def test_the_context_runs_the_oracle_once_and_seeds_the_scans(workshop, monkeypatch):  # noqa: F811
+def test_the_context_runs_the_oracle_once_and_seeds_the_scans(workshop, monkeypatch):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     ctx = Context(Settings(merged=workshop.ours(base, adapter), base=base, adapter=adapter))
@@ -94,7 +87,7 @@ def test_the_context_runs_the_oracle_once_and_seeds_the_scans(workshop, monkeypa
     assert passes.oracle(ctx) is passes.oracle(ctx)
 
 
-def test_without_the_weights_family_the_scan_reads_on_its_own(workshop):  # noqa: F811
+def test_without_the_weights_family_the_scan_reads_on_its_own(workshop):
     """Structure and hash alone do not pay for the oracle: a plain scan gives the digests."""
     from harness.run.result import Family
 
@@ -107,7 +100,7 @@ def test_without_the_weights_family_the_scan_reads_on_its_own(workshop):  # noqa
     assert not ctx.known(passes.ORACLE)
 
 
-def test_layer_table(workshop):  # noqa: F811
+def test_layer_table(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"])
     merged = workshop.ours(base, adapter)
@@ -131,7 +124,7 @@ def test_layer_table(workshop):  # noqa: F811
     assert any(line.startswith(q0 + " | ") for line in result.details)
 
 
-def test_items_skip_without_adapter_or_base(workshop):  # noqa: F811
+def test_items_skip_without_adapter_or_base(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base)
     merged = workshop.ours(base, adapter)
@@ -143,7 +136,7 @@ def test_items_skip_without_adapter_or_base(workshop):  # noqa: F811
         assert {run_check(c, ctx).outcome for c in checks(options)} == {Outcome.SKIPPED}
 
 
-def test_an_unsupported_adapter_never_passes(workshop, tmp_path):  # noqa: F811
+def test_an_unsupported_adapter_never_passes(workshop, tmp_path):
     base = workshop.base("llama", "BF16")
     adapter = tmp_path / "adapter"
     shutil.copytree(workshop.adapter(base), adapter)
@@ -157,7 +150,7 @@ def test_an_unsupported_adapter_never_passes(workshop, tmp_path):  # noqa: F811
     assert {r.outcome for r in results.values()} == {Outcome.FAILED}
 
 
-def test_missing_or_reshaped_targets_never_pass(workshop, tmp_path):  # noqa: F811
+def test_missing_or_reshaped_targets_never_pass(workshop, tmp_path):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"])
     merged = tmp_path / "merged"
@@ -211,7 +204,7 @@ def test_any_architecture_without_a_model_class(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def e2e(workshop):  # noqa: F811
+def e2e(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj", "v_proj"])
     merged = workshop.ours(base, adapter)

@@ -1,4 +1,4 @@
-"""The source distribution is complete: it holds the tests, fixtures and scripts, and its tests run."""
+"""The source distribution is complete: it holds the tests, fixtures and scripts; its tests run."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def test_sdist_is_complete_and_runs_its_own_tests(tmp_path):
         target.write_bytes((ROOT / name).read_bytes())
     built = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))",
+         "import sys; from setuptools import build_meta;"
+         " print(build_meta.build_sdist(sys.argv[1]))",
          str(tmp_path / "dist")],
         cwd=source, capture_output=True, text=True, timeout=300, check=False,
     )

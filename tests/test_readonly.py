@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from guard import NetworkGuard, differences, install_family, snapshot
 from safetensors.torch import load_file, save_file
+from support.guard import NetworkGuard, differences, install_family, snapshot
 
 from harness.run.result import CheckResult
 

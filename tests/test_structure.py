@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_checkpoint, edit_config, rewrite
+from support.checkpoints import copy_checkpoint, edit_config, rewrite
 
 FAMILIES = "--merge-checks=structure,hash"
 
@@ -40,7 +40,8 @@ def test_correct_merge_passes(pytester, request, fixture):
 def test_merged_alone_skips_base_comparisons(pytester, tiny_llama):
     # A partial gate of structure and hash: the merged-alone checks verify something, but the
     # hash family, chosen explicitly, can verify nothing without the base: the gate says so.
-    result = run(pytester, tiny_llama.merged, None, f"--merge-report={pytester.path / 'report.json'}")
+    report = pytester.path / "report.json"
+    result = run(pytester, tiny_llama.merged, None, f"--merge-report={report}")
     assert_clean(result)
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 5 and outcomes["skipped"] == 7

@@ -14,8 +14,10 @@ import pytest
 from harness.plugin.state import STATE_KEY
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from harness.case import MergeCase
-    from harness.tiny import MergeSpec, ModelSpec
+    from harness.tiny import AdapterSpec, MergeSpec, ModelSpec
 
 __all__ = ["adapter_model", "base_model", "merge_case", "merged_model", "tiny_merge_factory"]
 
@@ -37,16 +39,25 @@ class TinyMergeFactory:
     Keywords: ``arch`` (llama, mistral, qwen2, gpt2, gemma, phi3, bert), ``dtype`` (F32, BF16,
     F16), ``task`` (CAUSAL_LM, SEQ_CLS), ``method`` (``peft``: ``merge_and_unload``;
     ``harness``: the streaming merger), ``seed`` (base weights), ``adapter_seed``, ``scale``
-    (standard deviation of the adapter weights' noise), ``layers``; every other keyword is a
-    ``LoraConfig`` argument (``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``,
-    ``use_dora``, ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``...). Returns a
-    :class:`~harness.case.MergeCase` with ``base``, ``adapter`` and ``merged`` folders.
+    (standard deviation of the adapter weights' noise), ``layers``, ``peft_type`` (LORA, IA3,
+    LOHA, LOKR), ``shard`` (``max_shard_size`` of the saved base and merge, e.g. ``"20KB"``),
+    ``tokenizer`` (save a tokenizer with the base; default True); every other keyword is an
+    argument of the peft type's config class (for LoRA: ``r``, ``lora_alpha``,
+    ``target_modules``, ``use_rslora``, ``use_dora``, ``rank_pattern``, ``alpha_pattern``,
+    ``modules_to_save``...). Returns a :class:`~harness.case.MergeCase` with ``base``,
+    ``adapter`` and ``merged`` folders.
+
+    The parts are built and cached on their own, so cases share what they have in common:
+    :meth:`base` (one folder per :class:`~harness.tiny.ModelSpec`), :meth:`adapter` (per model
+    and :class:`~harness.tiny.AdapterSpec`) and :meth:`merge` (per model, adapters in order,
+    method and shard size; several adapters merge one after the other). Nothing built is ever
+    written again: treat every folder as read-only and copy one to damage it.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cases: dict[str, MergeCase] = {}
-        self._bases: dict[ModelSpec, Path] = {}
+        self._folders: dict[tuple[Any, ...], Path] = {}
 
     def spec(
         self,
@@ -59,21 +70,25 @@ class TinyMergeFactory:
         adapter_seed: int = 1,
         scale: float = 0.5,
         layers: int | None = None,
-        **lora: Any,
+        peft_type: str = "LORA",
+        shard: str | int | None = None,
+        tokenizer: bool = True,
+        **config: Any,
     ) -> MergeSpec:
         """The :class:`~harness.tiny.MergeSpec` that the same keywords would build."""
         from harness.tiny import MODULES, MergeSpec, ModelSpec
 
         overrides = {} if layers is None else {MODULES[arch].layers_key: layers}
-        if MODULES[arch].conv1d:
-            lora.setdefault("fan_in_fan_out", True)
-        model = ModelSpec(arch, dtype, task, seed, tuple(overrides.items()))
-        return MergeSpec(model, tuple(lora.items()), adapter_seed, scale, method)
+        if MODULES[arch].conv1d and peft_type in ("LORA", "IA3"):
+            config.setdefault("fan_in_fan_out", True)
+        model = ModelSpec(arch, dtype, task, seed, tuple(overrides.items()), shard, tokenizer)
+        return MergeSpec(
+            model, tuple(config.items()), adapter_seed, scale, method, peft_type, shard
+        )
 
     def __call__(self, spec: MergeSpec | None = None, /, **keywords: Any) -> MergeCase:
         """Build (or reuse) the merge case of ``spec`` or of the keywords."""
         from harness.case import MergeCase
-        from harness.tiny import build_case
 
         if spec is None:
             spec = self.spec(**keywords)
@@ -81,11 +96,48 @@ class TinyMergeFactory:
             raise TypeError("pass a MergeSpec or keywords, not both")
         key = spec.key()
         if key not in self._cases:
-            folder = self.root / hashlib.sha256(key.encode()).hexdigest()[:16]
-            built = build_case(spec, folder, base=self._bases.get(spec.model))
-            self._bases.setdefault(spec.model, built.base)
-            self._cases[key] = MergeCase(built.merged, built.base, built.adapter, spec)
+            adapter = spec.adapter_spec
+            merged = self.merge(spec.model, [adapter], method=spec.method, shard=spec.shard)
+            base = self.base(spec.model)
+            self._cases[key] = MergeCase(merged, base, self.adapter(spec.model, adapter), spec)
         return self._cases[key]
+
+    def base(self, model: ModelSpec) -> Path:
+        """The folder of ``model``, built on first use."""
+        return self._built(("base", model), model.build)
+
+    def adapter(self, model: ModelSpec, adapter: AdapterSpec) -> Path:
+        """The folder of ``adapter`` trained, as it were, on ``model``; built on first use."""
+        base = self.base(model)
+        return self._built(("adapter", model, adapter), lambda out: adapter.build(base, out))
+
+    def merge(
+        self,
+        model: ModelSpec,
+        adapters: Sequence[AdapterSpec],
+        *,
+        method: str = "peft",
+        shard: str | int | None = None,
+    ) -> Path:
+        """The folder of ``adapters`` merged in order into ``model``, built on first use.
+
+        ``method`` and ``shard`` as in :func:`harness.tiny.build_merge`.
+        """
+        from harness.tiny import build_merge
+
+        base = self.base(model)
+        folders = [self.adapter(model, a) for a in adapters]
+        return self._built(
+            ("merged", model, tuple(adapters), method, shard),
+            lambda out: build_merge(base, folders, out, method=method, shard=shard),
+        )
+
+    def _built(self, key: tuple[Any, ...], build: Callable[[Path], Path]) -> Path:
+        if key not in self._folders:
+            # The specs' reprs are plain values in a fixed order: a stable folder name.
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            self._folders[key] = build(self.root / f"{key[0]}-{digest}")
+        return self._folders[key]
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +148,12 @@ def tiny_merge_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyMergeFac
     32-wide model of the architecture (llama, mistral, qwen2 tied, gpt2 Conv1D, gemma, phi3;
     bert for ``task="SEQ_CLS"``) with a tokenizer, a LoRA adapter with non-zero random weights
     from the ``LoraConfig`` keywords (LoRA, rsLoRA, DoRA, rank/alpha patterns,
-    ``modules_to_save``, embedding targets), and its merge by peft (``method="peft"``) or by the
-    streaming merger (``method="harness"``). Also accepts a ``MergeSpec`` drawn from
-    ``harness.strategies.merge_cases()``. Cases are cached per parameters for the session;
+    ``modules_to_save``, embedding targets; ``peft_type="IA3"``, ``"LOHA"`` or ``"LOKR"`` for
+    those adapter types), and its merge by peft (``method="peft"``) or by the streaming merger
+    (``method="harness"``); ``shard="20KB"`` saves base and merge in shards. Also accepts a
+    ``MergeSpec`` drawn from ``harness.strategies.merge_cases()``. ``.base(model)``,
+    ``.adapter(model, adapter)`` and ``.merge(model, adapters)`` build the parts alone (several
+    adapters merge in sequence). Everything is cached per parameters for the session;
     returns a ``harness.case.MergeCase`` (``.base``, ``.adapter``, ``.merged`` folders,
     ``.config``, ``.merged_model()``, ``.measure(probe)``, ``.run_checks("behaviour")``).
     """

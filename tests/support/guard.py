@@ -68,8 +68,12 @@ class InputGuard:
     watched: dict[Path, tuple[list[Path] | None, dict[str, Entry]]] = field(default_factory=dict)
 
     def watch(self, folder: Path, only: list[Path] | None = None) -> None:
-        """Record ``folder`` now; :meth:`changes` compares against this."""
-        self.watched[folder] = (only, snapshot(folder, only))
+        """Record ``folder`` now; :meth:`changes` compares against this.
+
+        A folder watched again (fixtures share the factory's folders) keeps its first record.
+        """
+        if folder not in self.watched:
+            self.watched[folder] = (only, snapshot(folder, only))
 
     def changes(self) -> list[str]:
         """Every difference since each folder was watched."""
