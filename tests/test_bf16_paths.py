@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import DELTA_FAULTS, inject
-from oracle_cases import oracle, read_tensors, weight_results, write_faulty
 from safetensors.torch import load_file, save_file
+from support.checkpoints import read_tensors, write_faulty
+from support.faults import DELTA_FAULTS, inject
+from support.oracle import oracle, weight_results
 
 from harness.run.result import Outcome
 from harness.tiny import build_adapter, build_base

@@ -14,8 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import edit_config
-from oracle_cases import workshop  # noqa: F401 - the fixture
+from support.checkpoints import edit_config
 
 from harness.checks.structure import checks as structure_checks
 from harness.checks.weights import checks as weight_checks
@@ -93,7 +92,7 @@ def test_a_real_change_still_fails(v4_merge, tmp_path, change, expected):
     assert expected in found.message
 
 
-def test_a_real_change_of_the_old_spelling_fails(workshop, tmp_path):  # noqa: F811
+def test_a_real_change_of_the_old_spelling_fails(workshop, tmp_path):
     # the other way round: a transformers-4 merge whose rope_theta differs from a v5 base
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj"])
@@ -106,7 +105,7 @@ def test_a_real_change_of_the_old_spelling_fails(workshop, tmp_path):  # noqa: F
     assert "'rope_parameters.rope_theta': base 10000.0, merged 1000000.0" in found.message
 
 
-def test_provenance_keys_are_allowed_and_others_need_config_allow(workshop, tmp_path):  # noqa: F811
+def test_provenance_keys_are_allowed_and_others_need_config_allow(workshop, tmp_path):
     base = workshop.base("llama", "BF16")
     adapter = workshop.adapter(base, target_modules=["q_proj"])
     merged = tmp_path / "merged"
@@ -124,7 +123,7 @@ def test_provenance_keys_are_allowed_and_others_need_config_allow(workshop, tmp_
     assert "allowed changes: exporter_build" in allowed.message
 
 
-def test_an_unknown_model_type_is_compared_as_written(workshop, tmp_path):  # noqa: F811
+def test_an_unknown_model_type_is_compared_as_written(workshop, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(workshop.base("llama", "BF16"), base)
     edit_config(base, model_type="my_custom_arch")

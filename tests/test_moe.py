@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle_cases import oracle, read_tensors, weight_results
 from safetensors.torch import load_file, save_file
+from support.checkpoints import read_tensors
+from support.oracle import oracle, weight_results
 
 from harness.checks.structure import checks as structure_checks
 from harness.merger import merge_checkpoint

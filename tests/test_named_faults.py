@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle_cases import oracle, read_tensors, rounded, workshop, write_faulty  # noqa: F401
 from safetensors.torch import load_file
+from support.checkpoints import read_tensors, write_faulty
+from support.oracle import oracle, rounded
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -22,7 +23,7 @@ def _diagnosis(result, name):
     return failing[name]
 
 
-def test_a_fused_qkv_delta_applied_to_the_q_rows_only_is_named(workshop):  # noqa: F811
+def test_a_fused_qkv_delta_applied_to_the_q_rows_only_is_named(workshop):
     base = workshop.base("phi3", "BF16")
     adapter = workshop.adapter(base, target_modules=["qkv_proj"])
     merged = workshop.peft(base, adapter)
@@ -39,7 +40,7 @@ def test_a_fused_qkv_delta_applied_to_the_q_rows_only_is_named(workshop):  # noq
     )
 
 
-def test_a_fused_gate_up_delta_applied_to_one_half_is_named(workshop):  # noqa: F811
+def test_a_fused_gate_up_delta_applied_to_one_half_is_named(workshop):
     base = workshop.base("phi3", "BF16")
     adapter = workshop.adapter(base, target_modules=["gate_up_proj"])
     merged = workshop.peft(base, adapter)
@@ -53,7 +54,7 @@ def test_a_fused_gate_up_delta_applied_to_one_half_is_named(workshop):  # noqa: 
 
 
 @pytest.mark.parametrize(("peft_type", "product"), [("LOHA", "Hadamard"), ("LOKR", "Kronecker")])
-def test_lycoris_scale_faults_come_from_what_the_type_can_do(workshop, peft_type, product):  # noqa: F811
+def test_lycoris_scale_faults_come_from_what_the_type_can_do(workshop, peft_type, product):
     base = workshop.base("llama", "BF16")
     # alpha/r = 3: a doubled delta and s^2 = 3 s are told apart, and sqrt(r) = 2 is no label
     adapter = workshop.other_adapter(base, peft_type, target_modules=["q_proj"], r=4, alpha=12)
@@ -69,7 +70,7 @@ def test_lycoris_scale_faults_come_from_what_the_type_can_do(workshop, peft_type
         assert "rsLoRA" not in found
 
 
-def test_an_ia3_vector_applied_twice_is_named(workshop):  # noqa: F811
+def test_an_ia3_vector_applied_twice_is_named(workshop):
     base = workshop.base("llama", "BF16")
     adapter = workshop.other_adapter(base, "IA3", target_modules=["q_proj", "down_proj"],
                                      feedforward_modules=["down_proj"])

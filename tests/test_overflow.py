@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle_cases import weight_results
 from safetensors.torch import load_file, save_file
+from support.oracle import weight_results
 
 from harness import cli
 from harness.run.result import Outcome

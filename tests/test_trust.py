@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from guard import install_family, snapshot
 from safetensors.torch import load_file, save_file
+from support.guard import install_family, snapshot
 
 from harness.run.result import CheckResult, Outcome
 

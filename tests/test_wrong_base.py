@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle_cases import oracle, weight_results
 from safetensors.torch import load_file, save_file
+from support.oracle import oracle, weight_results
 
 from harness.oracle.bases import NF4_LEVELS
 from harness.run.result import Outcome

@@ -24,10 +24,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
+from harness.io.safetensors import SafetensorsFile
 from harness.oracle.parts import Combined, PartResult, combine_parts, plan_digest
 from harness.oracle.stream import OraclePass
 from harness.run.context import Context, Key
@@ -61,11 +62,44 @@ def adapter_fingerprint(ctx: Context) -> str:
     return ctx.memo(ADAPTER_DIGEST, lambda: adapter_digest(ctx.adapter()))
 
 
-def _header_digest(checkpoint: Checkpoint) -> str:
-    """What identifies a checkpoint without reading its weights: headers, file sizes, config.
+#: Bytes of each sampled block, and blocks per file, of the identity of a checkpoint.
+SAMPLE_BLOCK = 4096
+SAMPLE_BLOCKS = 256
 
-    Parts run on other machines; the per-tensor digests they return are compared by combine,
-    but which bytes a part read can only be vouched for by what each job saw of the files.
+
+def _sample(file: SafetensorsFile, outer: Any) -> None:
+    """Feed ``outer`` with evenly spaced blocks of a file's data (all of it when small).
+
+    Each part reads only its own tensors, so nothing else ties the parts to the same weights:
+    a job that read a stale or different copy with the same layout would go unnoticed. These
+    1 MiB per file, the same in every job, catch a copy whose weights differ in any sampled
+    block (a merge of other weights differs in nearly every block).
+    """
+    start = 8 + file.header_size
+    length = max(0, file.size - start)
+    if length <= SAMPLE_BLOCK * SAMPLE_BLOCKS:
+        offsets = [start]
+        block = length
+    else:
+        step = (length - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1)
+        offsets = [start + i * step for i in range(SAMPLE_BLOCKS)]
+        block = SAMPLE_BLOCK
+    try:
+        with file.path.open("rb") as handle:
+            for offset in offsets:
+                handle.seek(offset)
+                data = handle.read(block)
+                if len(data) != block:
+                    raise HarnessError(f"{file.path}: truncated")
+                outer.update(data)
+    except OSError as exc:
+        raise HarnessError(f"{file.path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _header_digest(checkpoint: Checkpoint) -> str:
+    """What identifies a checkpoint's copy cheaply: headers, file sizes, config, sampled bytes.
+
+    Parts run on other machines; combine requires every part to have seen the same identity.
     """
     outer = hashlib.sha256(b"merge-harness inputs\n")
     for info in checkpoint.in_file_order():
@@ -73,6 +107,7 @@ def _header_digest(checkpoint: Checkpoint) -> str:
                      f"{info.start}\t{info.end}\n".encode("utf-8", "surrogateescape"))
     for file in checkpoint.files:
         outer.update(f"{file.path.name}\t{file.size}\n".encode("utf-8", "surrogateescape"))
+        _sample(file, outer)
     config = json.dumps(checkpoint.config, sort_keys=True, default=str)
     outer.update(config.encode("utf-8", "surrogateescape"))
     return outer.hexdigest()
