@@ -56,6 +56,8 @@ ENV_VARS = {
     "update_lock": "MERGE_HARNESS_UPDATE_LOCK",
     "report_dir": "MERGE_HARNESS_REPORT_DIR",
     "pytest_args": "MERGE_HARNESS_PYTEST_ARGS",
+    "shard": "MERGE_HARNESS_SHARD",
+    "combine": "MERGE_HARNESS_COMBINE",
 }
 
 #: Title of the annotations about the run as a whole (not about one check).
@@ -89,6 +91,10 @@ class GateRequest:
     report_dir: Path = Path(DEFAULT_REPORT_DIR)
     #: Extra pytest arguments, appended last (``-- -x -k structure``).
     pytest_args: list[str] = field(default_factory=list)
+    #: ``K/N``: run part K of N of the streamed checks (``--merge-shard``).
+    shard: str | None = None
+    #: Folders (or files) of part reports to judge together instead of running pytest.
+    combine: list[str] = field(default_factory=list)
 
     def report_paths(self) -> dict[str, Path]:
         """The absolute path of each report file, by output name."""
@@ -112,8 +118,11 @@ class GateRun:
 
     @property
     def outcome(self) -> str:
-        """``passed`` only for exit status 0; anything else (usage error included) fails."""
-        return "passed" if self.exit_code == 0 else "failed"
+        """``passed`` only for exit status 0 (``part`` for a recorded part); else ``failed``."""
+        if self.exit_code != 0:
+            return "failed"
+        verdict = (self.report or {}).get("verdict") or {}
+        return "part" if verdict.get("outcome") == "part" else "passed"
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -142,6 +151,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report-dir", metavar="DIR", type=Path, default=None,
         help=f"folder for junit.xml, merge-report.json, merge-summary.md"
         f" (default: {DEFAULT_REPORT_DIR}; a dedicated folder, it is what pytest collects)",
+    )
+    split = parser.add_argument_group("sharded runs (one part per CI job, then one combine)")
+    split.add_argument("--shard", metavar="K/N",
+                       help="run part K of N of the streamed checks (--merge-shard)")
+    split.add_argument(
+        "--combine", metavar="PATH", action="append", default=None,
+        help="judge the part reports in PATH (a folder searched for *.json, or a file; may"
+        " repeat) with merge-harness combine instead of running pytest",
     )
     parser.add_argument(
         "pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
@@ -172,7 +189,12 @@ def request_from_args(
         extra = shlex.split(env_extra) + extra
     except ValueError as exc:
         raise GateUsageError(f"{ENV_VARS['pytest_args']}: {exc}") from None
+    combine = list(getattr(namespace, "combine", None) or [])
+    if not combine:
+        combine = environ.get(ENV_VARS["combine"], "").split()
     request = GateRequest(
+        shard=pick("shard"),
+        combine=combine,
         merged_model=pick("merged_model"),
         base_model=pick("base_model"),
         adapter=pick("adapter"),
@@ -188,6 +210,10 @@ def request_from_args(
 
 def validate(request: GateRequest, cwd: Path | None = None) -> None:
     """Refuse requests pytest would only half-understand, with a one-line cause."""
+    if request.combine and request.shard:
+        raise GateUsageError("--combine judges the parts; it takes no --shard")
+    if request.combine:
+        return
     if not (request.merged_model or request.adapter):
         raise GateUsageError(
             "nothing to check: give --merged-model (with --base-model and --adapter), or"
@@ -230,12 +256,44 @@ def pytest_command(request: GateRequest, python: str | None = None) -> list[str]
             command += [flag, value]
     if request.update_lock:
         command.append("--update-merge-lock")
+    if request.shard:
+        command.append(f"--merge-shard={request.shard}")
     command += [
         f"--junitxml={paths['junit']}",
         f"--merge-report={paths['report']}",
         f"--merge-summary={paths['summary']}",
     ]
     return command + list(request.pytest_args)
+
+
+def combine_command(request: GateRequest, python: str | None = None) -> list[str]:
+    """The ``merge-harness combine`` command of a combining gate run.
+
+    Every ``*.json`` under each folder named by ``--combine`` is a part report (the artifacts
+    of the matrix jobs, downloaded side by side); a file is taken as it is.
+    """
+    found: list[str] = []
+    outputs = request.report_dir.absolute()
+    for given in request.combine:
+        path = Path(given)
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*.json")
+                            if outputs not in p.absolute().parents)
+        else:
+            found.append(str(path))
+    if not found:
+        raise GateUsageError(f"--combine {' '.join(request.combine)}: no part reports there")
+    paths = request.report_paths()
+    command = [python or sys.executable, "-m", "harness.cli", "combine", *found,
+               f"--junitxml={paths['junit']}", f"--merge-report={paths['report']}",
+               f"--merge-summary={paths['summary']}"]
+    if request.config:
+        command.append(f"--merge-config={request.config}")
+    if request.lock:
+        command.append(f"--merge-lock={request.lock}")
+    if request.update_lock:
+        command.append("--update-merge-lock")
+    return command
 
 
 def _child_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -314,7 +372,7 @@ def run_gate(
         path.unlink(missing_ok=True)
     locks_before = {path: _file_digest(path) for path in lock_candidates(request)}
 
-    command = pytest_command(request)
+    command = combine_command(request) if request.combine else pytest_command(request)
     out.write(f"merge-harness gate: {shlex.join(command)}\n")
     out.flush()
     token = secrets.token_hex(16)
@@ -340,7 +398,9 @@ def run_gate(
     run = GateRun(exit_code, report, summary, paths, lock_file, lock_changed)
     if in_actions:
         publish(run, request, environ, out)
-    verdict = "passed" if exit_code == 0 else f"failed (pytest exit status {exit_code})"
+    verdict = {"passed": "passed", "part": f"part {request.shard} recorded"}.get(
+        run.outcome, f"failed (exit status {exit_code})"
+    )
     out.write(f"merge-harness gate: {verdict}; reports in {request.report_dir}\n")
     out.flush()
     return run
@@ -425,6 +485,8 @@ def run(namespace: argparse.Namespace) -> int:
     """Entry of the ``gate`` subcommand: pytest's exit code (4 for a bad request)."""
     try:
         request = request_from_args(namespace)
+        if request.combine:
+            combine_command(request)  # no part reports: a usage error before anything runs
     except GateUsageError as exc:
         sys.stderr.write(f"merge-harness gate: error: {exc}\n")
         if github.in_actions():

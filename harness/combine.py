@@ -29,6 +29,7 @@ from harness.checks.passes import BASE_SCAN, MERGED_SCAN, ORACLE
 from harness.checks.split import ADAPTER_DIGEST, config_digest, fingerprint
 from harness.errors import HarnessError, one_line
 from harness.gate.apply import apply_gate
+from harness.gate.decide import REQUIRED
 from harness.gate.junit import write_junit
 from harness.gate.report import SCHEMA, SCHEMA_VERSION, harness_version, summary_lines
 from harness.io.files import read_json
@@ -132,14 +133,21 @@ def gather(paths: Sequence[Path]) -> Inputs:
 
 
 def _families(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> frozenset[Family] | None:
-    """The families the runs chose (None when any ran every family that applies)."""
+    """The families the runs chose together (None: a full gate).
+
+    A full gate when any input ran every family that applies, or when the inputs' choices
+    together cover every family a full gate requires (parts with the streamed families and a
+    job of its own with the forward passes).
+    """
     chosen: set[Family] = set()
+    known = {f.value: f for f in Family}
     for _, report in reports:
         verdict = report.get("verdict", {})
         if not verdict.get("partial"):
             return None
-        known = {f.value: f for f in Family}
         chosen.update(known[f] for f in verdict.get("required", []) if f in known)
+    if chosen >= REQUIRED:
+        return None
     return frozenset(chosen) or None
 
 

@@ -311,3 +311,44 @@ def test_the_child_does_not_talk_to_github_itself() -> None:
 def test_nan_fixture_really_holds_a_nan(merges) -> None:
     tensors = load_file(merges.nan / "model.safetensors")
     assert torch.isnan(tensors["model.layers.0.self_attn.q_proj.weight"]).sum() == 1
+
+
+@pytest.mark.parametrize("which", ["merged", "nan"])
+def test_parts_in_matrix_jobs_then_one_combining_gate(
+    merges, actions_env, capfd, tmp_path, which
+) -> None:
+    merged = getattr(merges, which)
+    # Each matrix job: its part, into its own report folder (the uploaded artifact).
+    for index in (1, 2):
+        actions_env["output"].write_text("")
+        code = gate(*inputs(merged, merges), "--shard", f"{index}/2", "--report-dir",
+                    tmp_path / "parts" / f"merge-harness-part-{index}", *FAST)
+        outputs = github.parse_outputs(actions_env["output"].read_text())
+        assert code == 0
+        assert outputs["outcome"] == "part"
+    assert "## 🧩 merge-harness: part 2/2 recorded" in actions_env["summary"].read_text()
+    capfd.readouterr()
+    # The combining job: every downloaded report, judged together.
+    actions_env["output"].write_text("")
+    actions_env["summary"].write_text("")
+    code = gate("--combine", tmp_path / "parts", "--report-dir", "reports")
+    stdout = capfd.readouterr().out
+    outputs = github.parse_outputs(actions_env["output"].read_text())
+    report = json.loads(Path(outputs["report"]).read_text())
+    assert Path(outputs["junit"]).read_text().count("<testcase") == len(report["checks"])
+    parts = next(c for c in report["checks"] if c["id"] == "merge::structure::parts")
+    assert parts["outcome"] == "passed"
+    if which == "merged":
+        assert code == 0 and outputs["outcome"] == "passed"
+        assert actions_env["summary"].read_text().startswith("## ✅ merge-harness: partial gate")
+    else:
+        assert code == 1 and outputs["outcome"] == "failed"
+        errors = [c for c in workflow_commands(stdout) if c.startswith("::error")]
+        assert any("all_finite" in c and "NaN" in c for c in errors), errors
+
+
+def test_combine_without_part_reports_is_a_usage_error(actions_env, capfd, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert gate("--combine", tmp_path / "empty", "--report-dir", "reports") == 4
+    assert "no part reports there" in capfd.readouterr().err
+    assert github.parse_outputs(actions_env["output"].read_text())["outcome"] == "failed"

@@ -60,7 +60,9 @@ def steps(document: dict[Any, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_there_are_workflows_to_check() -> None:
-    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "merge-gate.yml", "merge-lock-update.yml"}
+    assert {p.name for p in WORKFLOWS} >= {
+        "ci.yml", "merge-gate.yml", "merge-gate-sharded.yml", "merge-lock-update.yml"
+    }
     assert ACTION.is_file()
 
 
@@ -161,6 +163,28 @@ def test_merge_gate_example_has_the_three_tiers() -> None:
     updating = [s for _, s in steps(update) if s.get("with", {}).get("update-lock") == "true"]
     assert len(updating) == 1
     assert not [s for _, s in steps(gate) if s.get("with", {}).get("update-lock") == "true"]
+
+
+def test_sharded_example_runs_every_part_and_one_combining_gate() -> None:
+    sharded = load(ROOT / ".github" / "workflows" / "merge-gate-sharded.yml")
+    jobs = sharded["jobs"]
+    parts = jobs["part"]["strategy"]["matrix"]["part"]
+    assert parts == list(range(1, int(sharded["env"]["PARTS"]) + 1))
+    assert jobs["part"]["strategy"]["fail-fast"] is False
+    step = next(s for _, s in steps({"jobs": {"part": jobs["part"]}}) if s.get("uses") == "./")
+    assert step["with"]["shard"] == "${{ matrix.part }}/${{ env.PARTS }}"
+    assert step["with"]["artifact-name"] == "merge-harness-input-part-${{ matrix.part }}"
+    gate = jobs["gate"]
+    assert set(gate["needs"]) == {"part", "whole-model"}
+    assert gate["if"] == "${{ !cancelled() }}"
+    download = next(s for s in gate["steps"] if "download-artifact" in s.get("uses", ""))
+    combine = next(s for s in gate["steps"] if s.get("uses") == "./")
+    assert combine["with"]["combine"] == download["with"]["path"]
+    pattern = download["with"]["pattern"].rstrip("*")
+    names = [step["with"]["artifact-name"], jobs["whole-model"]["steps"][-1]["with"][
+        "artifact-name"]]
+    assert all(name.startswith(pattern) for name in names)
+    assert not combine["with"]["artifact-name"].startswith(pattern)
 
 
 def evaluate(condition: str, event: str) -> bool:
