@@ -504,3 +504,20 @@ def test_xdist_workers_share_one_pass_and_agree_with_one_process(
     single_read = [c["metrics"].get("bytes_read") for c in one["checks"]
                    if c["id"] == "merge::weights::targeted_match_reference"]
     assert read == single_read
+
+
+def test_part_and_combined_reports_follow_the_schema(
+    shard_reports: dict[str, Path], tmp_path: Path
+) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(
+        resources.files("harness").joinpath("schema/report.schema.json").read_text("utf-8")
+    )
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    status, combined = _combine(tmp_path, *(str(shard_reports[k]) for k in ("p1", "p2", "p3")))
+    assert status == 0
+    for report in (json.loads(shard_reports["p2"].read_text()), combined):
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(report)]
+        assert not errors, errors[:5]
