@@ -62,7 +62,7 @@ def parse_timeout(value: Any) -> float:
 
 
 def parse_device(value: Any) -> str:
-    """A torch device name: ``cpu``, ``cuda``, ``cuda:1``, ``mps``."""
+    """A torch device name: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``xpu``."""
     if not isinstance(value, str) or not value.strip():
         raise KnobError(f"must be a device name such as cpu or cuda:0, got {value!r}")
     text = value.strip()
