@@ -398,8 +398,9 @@ def run_gate(
     run = GateRun(exit_code, report, summary, paths, lock_file, lock_changed)
     if in_actions:
         publish(run, request, environ, out)
+    tool = "combine" if request.combine else "pytest"
     verdict = {"passed": "passed", "part": f"part {request.shard} recorded"}.get(
-        run.outcome, f"failed (exit status {exit_code})"
+        run.outcome, f"failed ({tool} exit status {exit_code})"
     )
     out.write(f"merge-harness gate: {verdict}; reports in {request.report_dir}\n")
     out.flush()
