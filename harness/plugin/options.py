@@ -9,6 +9,7 @@ it). Nothing here decides precedence: :func:`harness.run.settings.resolve` does,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ PATH_OPTIONS = (
         " base_model_name_or_path when it is a local folder)",
     ),
     ("--adapter", "adapter", "the PEFT adapter folder that was merged"),
+)
+#: The repeatable option naming exported files to verify against the merged model.
+EXPORT_OPTION = (
+    "--export",
+    "export",
+    "an exported file to verify against the merged model: a .gguf file or the first part of a"
+    " split one (repeatable; needs the gguf extra: pip install 'pytest-merge-harness[gguf]')",
 )
 #: (flag, dest, help) of the boolean switches.
 SWITCHES = (
@@ -94,6 +102,8 @@ def add_options(parser: pytest.Parser) -> None:
     for flag, dest, text in PATH_OPTIONS:
         group.addoption(flag, dest=dest, metavar="PATH", default=None, help=text)
         parser.addini(dest, f"{text} (relative to the ini file)", type="string", default="")
+    flag, dest, text = EXPORT_OPTION
+    group.addoption(flag, dest=dest, metavar="PATH", action="append", default=None, help=text)
     for knob in KNOBS:
         default = "" if knob.default is None else f" (default: {knob.default})"
         group.addoption(
@@ -126,9 +136,14 @@ def _file(config: pytest.Config, dest: str) -> Path | None:
     return Path(value).expanduser().absolute() if value else None
 
 
+def _exports(config: pytest.Config) -> tuple[Path, ...]:
+    values: list[str] = config.getoption(EXPORT_OPTION[1]) or []
+    return tuple(Path(v).expanduser().absolute() for v in values)
+
+
 def wanted(config: pytest.Config) -> bool:
     """Whether this run asked for merge checks at all (cheap: no imports beyond options)."""
-    return any(_path(config, dest) for _, dest, _ in PATH_OPTIONS)
+    return any(_path(config, dest) for _, dest, _ in PATH_OPTIONS) or bool(_exports(config))
 
 
 def read_request(config: pytest.Config) -> Request:
@@ -138,10 +153,19 @@ def read_request(config: pytest.Config) -> Request:
         path = inputs[dest]
         if path is not None and not path.exists():
             raise pytest.UsageError(f"{flag} {path}: no such file or folder")
+    exports = _exports(config)
+    for path in exports:
+        if not path.is_file():
+            raise pytest.UsageError(f"--export {path}: no such file")
+    if exports and importlib.util.find_spec("gguf") is None:
+        raise pytest.UsageError(
+            "--export needs the gguf package: pip install 'pytest-merge-harness[gguf]'"
+        )
     return Request(
         merged=inputs["merged_model"],
         base=inputs["base_model"],
         adapter=inputs["adapter"],
+        exports=exports,
         allow_pickle=bool(config.getoption("merge_allow_pickle")),
         trust_remote_code=bool(config.getoption("merge_trust_remote_code")),
         config_path=_file(config, "merge_config"),

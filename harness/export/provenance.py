@@ -1,0 +1,99 @@
+"""Provenance: was the export made from the merged model, the base, or a model merged twice.
+
+With ``B`` the base, ``M`` the merged model and ``G`` the export's decoded values, the
+retention ratio of a tensor is the least-squares slope of ``G - B`` on ``M - B``::
+
+    r = <G - B, M - B> / ||M - B||^2
+
+``r`` is 1 for a faithful export (quantization noise averages out), 0 for an export of the base
+and 2 for an export of a model that received the adapter twice. Its standard error is the
+heteroskedasticity-robust one of a regression through the origin, from the residuals
+``e = (G - B) - r (M - B)``: ``sum(e^2 d^2) / (sum d^2)^2`` with ``d = M - B``, computed from five
+running sums so that the tensors stream through once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.evals.intervals import Interval, z_value
+
+#: Targets a retention interval is judged against, and what each one means.
+VERDICTS: dict[float, str] = {
+    0.0: "converted from the base",
+    1.0: "the merged model",
+    2.0: "merged twice",
+}
+#: An interval lying within this distance of a target is that target.
+BAND = 0.2
+
+
+@dataclass
+class Retention:
+    """Running sums of the regression of ``G - B`` on ``M - B`` (float64)."""
+
+    elements: int = 0
+    dd: float = 0.0
+    gd: float = 0.0
+    g2d2: float = 0.0
+    gd3: float = 0.0
+    d4: float = 0.0
+
+    def add(self, g: np.ndarray, d: np.ndarray) -> None:
+        """Accumulate elements: ``g = G - B`` and ``d = M - B`` (same shape, any float dtype)."""
+        g64 = g.astype(np.float64, copy=False).ravel()
+        d64 = d.astype(np.float64, copy=False).ravel()
+        d2 = d64 * d64
+        gd = g64 * d64
+        self.elements += int(np.count_nonzero(d64))
+        self.dd += float(d2.sum())
+        self.gd += float(gd.sum())
+        self.g2d2 += float((gd * gd).sum())
+        self.gd3 += float((gd * d2).sum())
+        self.d4 += float((d2 * d2).sum())
+
+    def merge(self, other: Retention) -> None:
+        """Add another tensor's sums (the pooled estimate over tensors)."""
+        self.elements += other.elements
+        self.dd += other.dd
+        self.gd += other.gd
+        self.g2d2 += other.g2d2
+        self.gd3 += other.gd3
+        self.d4 += other.d4
+
+    @property
+    def changed(self) -> bool:
+        """Whether the merge changed any element (``M != B`` somewhere)."""
+        return self.dd > 0.0
+
+    def interval(self, confidence: float = 0.95) -> Interval:
+        """The ratio with its confidence interval (nan when the merge changed nothing)."""
+        if not self.changed:
+            return Interval(math.nan, math.nan, math.nan)
+        ratio = self.gd / self.dd
+        residual = self.g2d2 - 2.0 * ratio * self.gd3 + ratio * ratio * self.d4
+        half = z_value(confidence) * math.sqrt(max(residual, 0.0)) / self.dd
+        return Interval(ratio, ratio - half, ratio + half)
+
+
+def verdict(interval: Interval) -> float | None:
+    """The target (0, 1 or 2) the interval lies within :data:`BAND` of, or None."""
+    for target in VERDICTS:
+        if interval.low >= target - BAND and interval.high <= target + BAND:
+            return target
+    return None
+
+
+def decided(interval: Interval) -> bool:
+    """Whether the interval is narrow enough to tell the targets apart."""
+    return interval.high - interval.low <= 2 * BAND
+
+
+def describe(interval: Interval, confidence: float) -> str:
+    """``1.0003 (95% CI 0.9991..1.0015)``."""
+    return (
+        f"{interval.estimate:.4g} ({confidence:.0%} CI {interval.low:.4g}..{interval.high:.4g})"
+    )

@@ -1,0 +1,408 @@
+"""The value pass: every GGUF tensor against the merged tensors it was made from, streamed.
+
+Each GGUF tensor is processed in chunks of whole rows (at most :data:`CHUNK_ELEMENTS`
+elements), read with plain positional reads from both files, so memory stays flat whatever the
+size of a tensor or a model. A chunk of the merged tensor is put through the converter's
+transforms (:mod:`harness.export.layout`), then:
+
+* for a reproducible type (:func:`~harness.export.encoding.reproducible`) it is re-encoded with
+  ``gguf.quants`` and must give the exported bytes. A quantized type may also have been made by
+  ``llama-quantize`` from a float16 or bfloat16 GGUF; re-encoding the values rounded to those is
+  tried too before a block is reported;
+* for another type the exported bytes are decoded and each block held to
+  :func:`~harness.export.encoding.error_bound`.
+
+With a base model, the decoded export and the base feed the retention ratio
+(:mod:`harness.export.provenance`) of every tensor the merge changed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+
+from harness.errors import CheckpointError, ExportError
+from harness.export import encoding
+from harness.export.layout import Layout, Source
+from harness.export.provenance import Retention
+from harness.export.reader import ExportFile, ExportTensor
+from harness.io.checkpoint import Checkpoint
+from harness.io.safetensors import TensorInfo
+from harness.stream.pipeline import default_workers, single_threaded_torch
+
+if TYPE_CHECKING:
+    import torch
+
+#: Elements per chunk: 8 MiB of float32, a few times over in temporaries, per worker.
+CHUNK_ELEMENTS = 1 << 21
+#: Intermediate precisions a quantized export may have been made from (llama-quantize reads a
+#: float16 or bfloat16 GGUF): None is the merged tensor itself, as convert_hf_to_gguf.py does.
+ROUTES: tuple[str | None, ...] = (None, "F16", "BF16")
+
+
+@dataclass
+class TensorReport:
+    """What the value pass found for one GGUF tensor."""
+
+    name: str
+    type: str
+    sources: tuple[str, ...]
+    transforms: list[str]
+    numel: int
+    blocks: int
+    #: ``exact`` (re-encoded), ``exact from F16``/``from BF16`` (via that precision) or
+    #: ``bounded`` (decoded and bounded).
+    method: str = "exact"
+    differing: int = 0
+    first_block: int | None = None
+    where: str = ""
+    worst_error: float = 0.0
+    worst_bound: float = 0.0
+    retention: Retention | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether every block is as expected."""
+        return self.differing == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON view (the report's per-tensor table)."""
+        return {
+            "tensor": self.name,
+            "type": self.type,
+            "sources": list(self.sources),
+            "transforms": list(self.transforms),
+            "method": self.method,
+            "blocks": self.blocks,
+            "differing": self.differing,
+            "first_block": self.first_block,
+            "where": self.where,
+            "worst_error": self.worst_error,
+            "worst_bound": self.worst_bound,
+        }
+
+
+@dataclass
+class ValueResult:
+    """Every tensor's report and the pass's figures."""
+
+    tensors: list[TensorReport] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    def failing(self) -> list[TensorReport]:
+        """Tensors with at least one differing block."""
+        return [t for t in self.tensors if not t.ok]
+
+
+class _Files:
+    """Positional reads of tensor rows, from safetensors files and GGUF parts (one fd each)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def read(self, path: os.PathLike[str], offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` (positional: safe from several threads at once)."""
+        key = os.fspath(path)
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                fd = os.open(key, os.O_RDONLY)
+                self._fds[key] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ExportError(f"{key}: truncated: {size} bytes at {offset:,} cannot be read")
+        with self._lock:
+            self.bytes_read += size
+        return data
+
+    def close(self) -> None:
+        """Close every file."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row_length) of a tensor: a vector is one row."""
+    if len(shape) <= 1:
+        return 1, (shape[0] if shape else 1)
+    length = shape[-1]
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    return rows, length
+
+
+def _as_float(tensor: torch.Tensor) -> torch.Tensor:
+    """The converter's first step: anything but float16/float32 becomes float32."""
+    import torch
+
+    if tensor.dtype in (torch.float16, torch.float32):
+        return tensor
+    return tensor.to(torch.float32)
+
+
+class _Reader:
+    """Row chunks of checkpoint tensors as torch tensors, read by range (pickles: whole)."""
+
+    def __init__(self, checkpoint: Checkpoint, files: _Files) -> None:
+        self.checkpoint = checkpoint
+        self.files = files
+
+    def rows(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Rows ``start .. start + count`` of tensor ``name`` as (count, row_length)."""
+        import torch
+
+        from harness.dtypes import to_torch
+
+        info: TensorInfo = self.checkpoint.tensors[name]
+        _, length = _rows_of(info.shape)
+        if self.checkpoint.is_pickle:
+            whole = self.checkpoint.tensor(name).reshape(-1, length)
+            return whole[start : start + count]
+        itemsize = info.nbytes // max(info.numel, 1)
+        raw = bytearray(self.files.read(info.file, info.start + start * length * itemsize,
+                                        count * length * itemsize))
+        return torch.frombuffer(raw, dtype=to_torch(info.dtype)).reshape(count, length)
+
+
+def _permute(chunk: torch.Tensor, head_rows: int) -> torch.Tensor:
+    """llama.cpp's rotary row order within each head (``LlamaModel.permute``), on whole heads.
+
+    (heads * head_rows, cols) -> same shape: in each head, rows ``[a0..a(h/2-1), b0..]`` become
+    ``[a0, b0, a1, b1, ...]``. A bias (one row of heads * head_rows) is permuted the same way
+    along its elements.
+    """
+    if chunk.shape[0] == 1 and chunk.shape[1] % head_rows == 0 and head_rows > 1:
+        return _permute(chunk.reshape(-1, 1), head_rows).reshape(chunk.shape)
+    heads = chunk.shape[0] // head_rows
+    return (
+        chunk.reshape(heads, 2, head_rows // 2, chunk.shape[1])
+        .swapaxes(1, 2)
+        .reshape(chunk.shape)
+    )
+
+
+def _source_row(source: Source, part_rows: int, row: int) -> tuple[str, int]:
+    """The merged tensor and row a GGUF row was made from (for messages)."""
+    part, row = divmod(row, part_rows) if len(source.parts) > 1 else (0, row)
+    if source.head_rows:
+        head, j = divmod(row, source.head_rows)
+        row = head * source.head_rows + (j % 2) * (source.head_rows // 2) + j // 2
+    return source.parts[min(part, len(source.parts) - 1)], row
+
+
+@dataclass
+class _Chunk:
+    """One chunk: GGUF rows ``first_row ..`` and the expected values for them."""
+
+    first_row: int
+    expected: np.ndarray
+    base: np.ndarray | None
+
+
+def _chunks(
+    source: Source,
+    target: ExportTensor,
+    merged: _Reader,
+    base: _Reader | None,
+) -> Iterator[_Chunk]:
+    """The source's rows in GGUF order, transformed as the converter does, chunk by chunk."""
+    part_shape = merged.checkpoint.tensors[source.parts[0]].shape
+    part_rows, length = _rows_of(part_shape)
+    if source.keep_rows is not None:
+        part_rows = min(part_rows, source.keep_rows)
+    step = max(1, CHUNK_ELEMENTS // max(length, 1))
+    if source.head_rows:
+        step = max(source.head_rows, step // source.head_rows * source.head_rows)
+    for index, name in enumerate(source.parts):
+        for start in range(0, part_rows, step):
+            count = min(step, part_rows - start)
+            expected = _transformed(merged.rows(name, start, count), source)
+            prior = None
+            if base is not None:
+                prior = _transformed(base.rows(name, start, count), source)
+            yield _Chunk(index * part_rows + start, expected, prior)
+
+
+def _transformed(chunk: torch.Tensor, source: Source) -> np.ndarray:
+    chunk = _as_float(chunk)
+    if source.head_rows:
+        chunk = _permute(chunk, source.head_rows)
+    if source.offset:
+        chunk = chunk + source.offset
+    return chunk.contiguous().numpy()
+
+
+def _round_to(values: np.ndarray, route: str | None) -> np.ndarray:
+    """``values`` as llama-quantize would have read them from a GGUF of ``route`` precision."""
+    if route is None:
+        return values
+    if route == "F16":
+        return values.astype(np.float16).astype(np.float32)
+    bf16 = gguf.GGMLQuantizationType.BF16
+    return encoding.decode(encoding.encode(values.astype(np.float32), bf16), bf16)
+
+
+def _compare_exact(
+    chunk: np.ndarray,
+    stored: np.ndarray,
+    qtype: gguf.GGMLQuantizationType,
+    routes: list[str | None],
+) -> np.ndarray:
+    """Per block, whether it differs from the re-encoding (by the route that fits best).
+
+    ``routes`` is reordered in place so that the route that fitted is tried first next time.
+    """
+    size = encoding.type_size(qtype)
+    stored_blocks = stored.reshape(-1, size)
+    best: np.ndarray | None = None
+    for route in list(routes):
+        encoded = encoding.encode(_round_to(chunk, route), qtype).reshape(-1, size)
+        differs = (encoded != stored_blocks).any(axis=1)
+        if best is None or differs.sum() < best.sum():
+            best = differs
+            routes.remove(route)
+            routes.insert(0, route)
+        if not differs.any():
+            break
+    assert best is not None
+    if best.any():
+        # No route reproduces this chunk: the rest of the tensor is judged by the closest one.
+        del routes[1:]
+    return best
+
+
+def _check_tensor(
+    source: Source,
+    target: ExportTensor,
+    merged: _Reader,
+    base: _Reader | None,
+    files: _Files,
+) -> TensorReport:
+    qtype = target.type
+    length = _rows_of(target.shape)[1]
+    block = encoding.block_size(qtype)
+    report = TensorReport(
+        target.name, qtype.name, source.parts, source.transforms(), target.numel,
+        target.numel // block,
+    )
+    exact = encoding.reproducible(qtype)
+    if not exact and not encoding.decodable(qtype):
+        raise ExportError(
+            f"{target.name}: type {qtype.name} cannot be decoded by gguf {gguf_version()}"
+        )
+    if length % block:
+        raise ExportError(f"{target.name}: rows of {length} do not split into {qtype.name} blocks")
+    routes: list[str | None] = list(ROUTES) if exact and qtype not in encoding.PLAIN else [None]
+    retention = Retention() if base is not None else None
+    part_rows = _rows_of(merged.checkpoint.tensors[source.parts[0]].shape)[0]
+    for chunk in _chunks(source, target, merged, base):
+        count = chunk.expected.shape[0]
+        raw = files.read(target.file, target.start + chunk.first_row * target.row_bytes,
+                         count * target.row_bytes)
+        stored = np.frombuffer(raw, dtype=np.uint8).reshape(count, target.row_bytes)
+        if exact:
+            differs = _compare_exact(chunk.expected, stored, qtype, routes)
+        else:
+            decoded = encoding.decode(stored, qtype).reshape(-1, block)
+            error = np.abs(decoded - chunk.expected.reshape(-1, block)).max(axis=1)
+            bound = encoding.error_bound(chunk.expected, qtype)
+            differs = error > bound
+            worst = int(np.argmax(error - bound))
+            if error[worst] - bound[worst] > report.worst_error - report.worst_bound:
+                report.worst_error, report.worst_bound = float(error[worst]), float(bound[worst])
+        bad = np.flatnonzero(differs)
+        if bad.size:
+            if report.first_block is None:
+                report.first_block = int(chunk.first_row * length // block + bad[0])
+                row = chunk.first_row + int(bad[0]) * block // length
+                column = int(bad[0]) * block % length
+                name, src_row = _source_row(source, part_rows, row)
+                report.where = (
+                    f"{name} row {src_row}, columns {column}..{column + block - 1}"
+                    if block > 1 else f"{name} row {src_row}, column {column}"
+                )
+            report.differing += int(bad.size)
+        if retention is not None and chunk.base is not None:
+            delta = chunk.expected.astype(np.float32) - chunk.base
+            if delta.any():
+                decoded_all = encoding.decode(stored, qtype).reshape(delta.shape)
+                retention.add(decoded_all - chunk.base, delta)
+    report.method = "exact" if exact else "bounded"
+    if exact and routes[0] is not None:
+        report.method = f"exact from {routes[0]}"
+    report.retention = retention
+    return report
+
+
+def gguf_version() -> str:
+    """The installed gguf package's version (messages)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:  # pragma: no cover - gguf imported from a source tree
+        return "(unknown version)"
+
+
+def _base_reader(layout: Layout, merged: Checkpoint, base: Checkpoint | None,
+                 files: _Files) -> Callable[[Source], _Reader | None]:
+    reader = _Reader(base, files) if base is not None else None
+
+    def pick(source: Source) -> _Reader | None:
+        if reader is None or base is None:
+            return None
+        for part in source.parts:
+            found = base.tensors.get(part)
+            if found is None or found.shape != merged.tensors[part].shape:
+                return None
+        return reader
+
+    return pick
+
+
+def compare_values(
+    export: ExportFile,
+    layout: Layout,
+    merged: Checkpoint,
+    base: Checkpoint | None = None,
+    workers: int | None = None,
+) -> ValueResult:
+    """Compare every mapped GGUF tensor with its merged source (and the base, for provenance)."""
+    started = time.perf_counter()
+    files = _Files()
+    merged_reader = _Reader(merged, files)
+    base_for = _base_reader(layout, merged, base, files)
+    order = sorted(layout.sources.values(), key=lambda s: -export.tensors[s.gguf_name].nbytes)
+
+    def run(source: Source) -> TensorReport:
+        return _check_tensor(
+            source, export.tensors[source.gguf_name], merged_reader, base_for(source), files
+        )
+
+    try:
+        with single_threaded_torch(), ThreadPoolExecutor(
+            max(1, workers or default_workers()), thread_name_prefix="merge-harness-export"
+        ) as pool:
+            reports = list(pool.map(run, order))
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        raise ExportError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        files.close()
+    position = {name: i for i, name in enumerate(export.tensors)}
+    reports.sort(key=lambda r: position[r.name])
+    return ValueResult(reports, time.perf_counter() - started, files.bytes_read)
