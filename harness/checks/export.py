@@ -166,75 +166,65 @@ def check_values(ctx: Context, path: Path) -> CheckResult:
 
 def check_provenance(ctx: Context, path: Path) -> CheckResult:
     """The export retains the merge: about 1, not 0 (the base) or 2 (merged twice)."""
-    from harness.export.provenance import (
-        VERDICTS,
-        Retention,
-        decided,
-        describe,
-        verdict,
-    )
+    from harness.export.provenance import VERDICTS, describe, judge
 
     if not ctx.has_base:
         return CheckResult.skipped("no --base-model given: provenance compares with the base")
     result = _values(ctx, path)
     confidence = ctx.settings.config.confidence
-    pooled = Retention()
-    per_tensor: dict[str, Any] = {}
-    targets: dict[float | None, list[str]] = {}
-    for report in result.tensors:
-        retention = report.retention
-        if retention is None or not retention.changed:
-            continue
-        pooled.merge(retention)
-        interval = retention.interval(confidence)
-        per_tensor[report.name] = interval.to_json()
-        if decided(interval):
-            targets.setdefault(verdict(interval), []).append(report.name)
-    if not pooled.changed:
+    judgement = judge(
+        {r.name: r.retention for r in result.tensors if r.retention is not None}, confidence
+    )
+    if not judgement.tensors:
         return CheckResult.skipped("the merged model equals the base: no change to trace")
-    overall = pooled.interval(confidence)
-    text = describe(overall, confidence)
-    figures = {"retention": overall.to_json(), "per_tensor": per_tensor}
-    details = [f"{name}: {describe(_interval(v), confidence)}" for name, v in per_tensor.items()]
-    if not decided(overall):
+    text = describe(judgement.interval, confidence)
+    figures = {
+        "retention": judgement.interval.to_json(),
+        "per_tensor": {name: i.to_json() for name, i in judgement.tensors.items()},
+        "undecided": judgement.undecided,
+    }
+    details = [f"{name}: {describe(i, confidence)}" for name, i in judgement.tensors.items()]
+    details = details[:TABLE_ROWS]
+    if not judgement.targets:
         return CheckResult(
             Outcome.INCONCLUSIVE,
-            f"retention {text}: the merge's change is below the export's precision",
-            details[:TABLE_ROWS], figures,
+            f"no changed tensor's retention is decided: the merge's change is below the"
+            f" export's precision in all {len(judgement.tensors)}",
+            details, figures,
         )
-    found = {t for t in targets if t is not None}
-    if len(found) > 1 or (found and None in targets):
-        kept = targets.get(1.0, [])
-        lost = targets.get(0.0, [])
+    if judgement.mixed:
+        kept = judgement.targets.get(1.0, [])
+        lost = judgement.targets.get(0.0, [])
+        other = [n for t, names in judgement.targets.items() if t not in (0.0, 1.0)
+                 for n in names]
+        head = "partly merged" if lost and kept else "inconsistent"
         return CheckResult.failed(
-            f"partly merged: {len(lost)} changed tensor(s) hold the base ({_names(lost)}),"
-            f" {len(kept)} the merged model; retention {text}",
-            details[:TABLE_ROWS], metrics=figures,
+            f"{head}: {len(lost)} changed tensor(s) hold the base ({_names(lost)}),"
+            f" {len(kept)} the merged model, {len(other)} neither; retention {text}",
+            details, metrics=figures,
         )
-    target = verdict(overall)
+    target = judgement.verdict
+    changed = len(judgement.tensors)
     if target == 1.0:
+        undecided = (
+            f" ({len(judgement.undecided)} undecided: {_names(judgement.undecided)})"
+            if judgement.undecided else ""
+        )
         return CheckResult(
             Outcome.PASSED,
-            f"made from the merged model: retention {text} over"
-            f" {len(per_tensor)} changed tensor(s)",
-            details[:TABLE_ROWS], figures,
+            f"made from the merged model: retention {text} over {changed} changed"
+            f" tensor(s){undecided}",
+            details, figures,
         )
     if target is None:
         return CheckResult.failed(
             f"retention {text}: neither the merged model (1), the base (0) nor a double"
             " merge (2): converted from another model, or merged at another scale",
-            details[:TABLE_ROWS], metrics=figures,
+            details, metrics=figures,
         )
     return CheckResult.failed(
-        f"{VERDICTS[target]}: the export retains {text} of the merge",
-        details[:TABLE_ROWS], metrics=figures,
+        f"{VERDICTS[target]}: the export retains {text} of the merge", details, metrics=figures
     )
-
-
-def _interval(data: dict[str, float]) -> Any:
-    from harness.evals.intervals import Interval
-
-    return Interval(data["estimate"], data["low"], data["high"])
 
 
 def check_tokenizer(ctx: Context, path: Path) -> CheckResult:

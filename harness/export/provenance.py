@@ -15,7 +15,7 @@ running sums so that the tensors stream through once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -97,3 +97,59 @@ def describe(interval: Interval, confidence: float) -> str:
     return (
         f"{interval.estimate:.4g} ({confidence:.0%} CI {interval.low:.4g}..{interval.high:.4g})"
     )
+
+
+@dataclass
+class Judgement:
+    """What the per-tensor retention ratios say about the export as a whole."""
+
+    #: The pooled ratio: the inverse-variance weighted mean of the decided tensors' ratios.
+    interval: Interval
+    #: Target (0, 1, 2; None: none of them) -> the tensors whose interval lies at it.
+    targets: dict[float | None, list[str]] = field(default_factory=dict)
+    #: Tensors whose interval is too wide to tell the targets apart.
+    undecided: list[str] = field(default_factory=list)
+    #: Every changed tensor's interval.
+    tensors: dict[str, Interval] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> float | None:
+        """The one target every decided tensor shares (None: none, or they disagree)."""
+        found = list(self.targets)
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def mixed(self) -> bool:
+        """Whether decided tensors point at different targets."""
+        return len(self.targets) > 1
+
+
+def judge(retentions: dict[str, Retention], confidence: float = 0.95) -> Judgement:
+    """Judge every changed tensor, then the export.
+
+    Tensors are judged one by one, and pooled by their inverse variance rather than by summing
+    their statistics: one grossly damaged block (a values problem, which the values check
+    reports) widens its own tensor's interval without pulling the others' verdict.
+    """
+    judgement = Judgement(Interval(math.nan, math.nan, math.nan))
+    z = z_value(confidence)
+    weights = 0.0
+    weighted = 0.0
+    for name, retention in retentions.items():
+        if not retention.changed:
+            continue
+        interval = retention.interval(confidence)
+        judgement.tensors[name] = interval
+        if not decided(interval):
+            judgement.undecided.append(name)
+            continue
+        judgement.targets.setdefault(verdict(interval), []).append(name)
+        # A tensor re-encoded exactly has a zero-width interval: floor its error.
+        error = max((interval.high - interval.low) / (2 * z), 1e-6)
+        weights += 1.0 / error**2
+        weighted += interval.estimate / error**2
+    if weights:
+        estimate = weighted / weights
+        half = z / math.sqrt(weights)
+        judgement.interval = Interval(estimate, estimate - half, estimate + half)
+    return judgement
