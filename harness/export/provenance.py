@@ -33,35 +33,38 @@ BAND = 0.2
 
 @dataclass
 class Retention:
-    """Running sums of the regression of ``G - B`` on ``M - B`` (float64)."""
+    """Running sums of the regression of ``G - B`` on ``d = M - B``, kept as ``u = G - M``.
 
-    elements: int = 0
+    ``G - B = d + u``, so ``r = 1 + <u, d> / <d, d>`` and the residual is ``u - (r - 1) d``.
+    Keeping ``u`` (zero for an exact export) instead of ``G - B`` spares the sums a
+    cancellation: an exact export has exactly ``r = 1`` and a zero-width interval.
+    """
+
     dd: float = 0.0
-    gd: float = 0.0
-    g2d2: float = 0.0
-    gd3: float = 0.0
+    ud: float = 0.0
+    u2d2: float = 0.0
+    ud3: float = 0.0
     d4: float = 0.0
 
-    def add(self, g: np.ndarray, d: np.ndarray) -> None:
-        """Accumulate elements: ``g = G - B`` and ``d = M - B`` (same shape, any float dtype)."""
-        g64 = g.astype(np.float64, copy=False).ravel()
-        d64 = d.astype(np.float64, copy=False).ravel()
-        d2 = d64 * d64
-        gd = g64 * d64
-        self.elements += int(np.count_nonzero(d64))
-        self.dd += float(d2.sum())
-        self.gd += float(gd.sum())
-        self.g2d2 += float((gd * gd).sum())
-        self.gd3 += float((gd * d2).sum())
-        self.d4 += float((d2 * d2).sum())
+    def add(self, u: np.ndarray, d: np.ndarray) -> None:
+        """Accumulate elements: ``u = G - M`` and ``d = M - B`` (same shape, float32)."""
+        u = np.ascontiguousarray(u, dtype=np.float32).ravel()
+        d = np.ascontiguousarray(d, dtype=np.float32).ravel()
+        d2 = d * d
+        ud = u * d
+        # float32 dot products (BLAS) per chunk, accumulated in float64 across chunks.
+        self.dd += float(np.dot(d, d))
+        self.ud += float(np.dot(u, d))
+        self.u2d2 += float(np.dot(ud, ud))
+        self.ud3 += float(np.dot(ud, d2))
+        self.d4 += float(np.dot(d2, d2))
 
     def merge(self, other: Retention) -> None:
-        """Add another tensor's sums (the pooled estimate over tensors)."""
-        self.elements += other.elements
+        """Add another part's sums."""
         self.dd += other.dd
-        self.gd += other.gd
-        self.g2d2 += other.g2d2
-        self.gd3 += other.gd3
+        self.ud += other.ud
+        self.u2d2 += other.u2d2
+        self.ud3 += other.ud3
         self.d4 += other.d4
 
     @property
@@ -73,9 +76,10 @@ class Retention:
         """The ratio with its confidence interval (nan when the merge changed nothing)."""
         if not self.changed:
             return Interval(math.nan, math.nan, math.nan)
-        ratio = self.gd / self.dd
-        residual = self.g2d2 - 2.0 * ratio * self.gd3 + ratio * ratio * self.d4
+        excess = self.ud / self.dd
+        residual = self.u2d2 - 2.0 * excess * self.ud3 + excess * excess * self.d4
         half = z_value(confidence) * math.sqrt(max(residual, 0.0)) / self.dd
+        ratio = 1.0 + excess
         return Interval(ratio, ratio - half, ratio + half)
 
 

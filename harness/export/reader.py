@@ -69,7 +69,8 @@ class _Guarded(gguf.GGUFReader):
         override_order: Any = None,
     ) -> Any:
         count = int(count)
-        end = int(offset) + np.dtype(dtype).itemsize * count
+        offset = int(offset)
+        end = offset + np.dtype(dtype).itemsize * count
         if offset < 0 or count < 0 or end > self._size:
             raise _PastEnd(self._phase, end, self._size)
         if self._phase == "header":
@@ -79,7 +80,15 @@ class _Guarded(gguf.GGUFReader):
                     f"header holds more than {MAX_HEADER_READS:,} values (refused to keep"
                     " memory bounded; not a model export, or hostile)"
                 )
-        found = super()._get(offset, dtype, count, override_order)
+        # gguf's own _get, on a plain-ndarray view of its map: slicing numpy's memmap subclass
+        # costs a Python-level __array_finalize__ per view, most of the time a 32K-token header
+        # takes to read.
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        found = plain[offset:end].view(dtype=dtype)[:count]
+        order = self.byte_order if override_order is None else override_order
+        found = found.view(found.dtype.newbyteorder(order))
         return np.array(found) if end - offset <= SMALL_READ else found
 
     def _get_str(self, offset: int) -> Any:
