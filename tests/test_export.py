@@ -244,3 +244,32 @@ def test_nothing_is_written_next_to_the_inputs(tmp_path):
     run_export(export, merged=folder / "merged", base=folder / "base")
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     assert MERGED.is_dir() and BASE.is_dir()
+
+
+# ---- the plugin -------------------------------------------------------------------------------
+
+
+def test_the_plugin_runs_one_item_per_export_and_check(pytester):
+    result = pytester.runpytest(
+        "--merged-model", str(MERGED), "--base-model", str(BASE),
+        "--export", str(export_file("q8_0")), "--export", str(export_file("f16")),
+        "--merge-checks", "export", "-p", "no:randomly", "-v",
+    )
+    result.assert_outcomes(passed=12)
+    text = result.stdout.str()
+    for kind in KINDS:
+        assert f"merge::export::{kind}[llama-q8_0.gguf] PASSED" in text
+        assert f"merge::export::{kind}[llama-f16.gguf] PASSED" in text
+
+
+def test_a_missing_export_is_a_usage_error(pytester, tmp_path):
+    result = pytester.runpytest("--merged-model", str(MERGED), "--export",
+                                str(tmp_path / "nope.gguf"))
+    assert result.ret == 4
+    result.stderr.fnmatch_lines([f"*--export {tmp_path / 'nope.gguf'}: no such file*"])
+
+
+def test_an_export_alone_needs_a_merged_model(pytester):
+    result = pytester.runpytest("--export", str(export_file("q8_0")))
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*needs --merged-model*"])

@@ -238,7 +238,9 @@ def check_tokenizer(ctx: Context, path: Path) -> CheckResult:
     export = _opened(ctx, path)
     merged = ctx.merged()
     found = exported_vocabulary(export)
-    expected = expected_vocabulary(merged.root, merged.config or {}, found.model)
+    expected = expected_vocabulary(
+        merged.root, merged.config or {}, found.model, export.architecture
+    )
     lines = compare_vocabularies(expected, found)
     if lines:
         return CheckResult.failed(f"tokenizer differs: {lines[0]}", lines[1:])

@@ -82,7 +82,7 @@ def _added_type(content: str, special: bool) -> tuple[str, int]:
     return content.replace(_SPACE, " "), int(gguf.TokenType.USER_DEFINED)
 
 
-def _sentencepiece(folder: Path, vocab_size: int | None) -> Vocabulary:
+def _sentencepiece(folder: Path, vocab_size: int | None, phi3: bool = False) -> Vocabulary:
     from sentencepiece import SentencePieceProcessor
 
     path = folder / "tokenizer.model"
@@ -115,23 +115,34 @@ def _sentencepiece(folder: Path, vocab_size: int | None) -> Vocabulary:
         elif processor.IsByte(index):
             kind = Kind.BYTE
         types[index] = int(kind)
-    added = _json(folder / "added_tokens.json")
-    if isinstance(added, dict):
-        for content, index in added.items():
+    listed = _json(folder / "added_tokens.json")
+    if isinstance(listed, dict):
+        for content, index in listed.items():
             if isinstance(index, int) and 0 <= index < total:
                 tokens[index], types[index], scores[index] = (
                     content, int(Kind.USER_DEFINED), -1000.0
                 )
     config = _json(folder / "tokenizer_config.json")
     decoder = config.get("added_tokens_decoder") if isinstance(config, dict) else None
+    added: list[tuple[int, Any, bool]] = []
     if isinstance(decoder, dict):
-        for key, entry in decoder.items():
-            if not (str(key).isdigit() and isinstance(entry, dict)):
-                continue
-            index, content = int(key), entry.get("content")
-            if index < total and isinstance(content, str):
-                tokens[index], types[index] = _added_type(content, bool(entry.get("special")))
-                scores[index] = -1000.0
+        added += [(int(k), e.get("content"), bool(e.get("special"))) for k, e in decoder.items()
+                  if str(k).isdigit() and isinstance(e, dict)]
+    if phi3:
+        # Phi-3's converter also takes tokenizer.json's added tokens, as they are.
+        data = _json(folder / "tokenizer.json")
+        entries = data.get("added_tokens") if isinstance(data, dict) else None
+        added += [(e["id"], e.get("content"), bool(e.get("special"))) for e in entries or []
+                  if isinstance(e, dict) and isinstance(e.get("id"), int)]
+    for index, content, special in added:
+        if not (0 <= index < total and isinstance(content, str)):
+            continue
+        if phi3:
+            kind = Kind.CONTROL if special else Kind.USER_DEFINED
+            tokens[index], types[index] = content, int(kind)
+        else:
+            tokens[index], types[index] = _added_type(content, special)
+        scores[index] = -1000.0
     return Vocabulary("llama", tokens, types, scores)
 
 
@@ -180,12 +191,18 @@ def _json(path: Path) -> Any:
         raise ExportError(str(exc)) from None
 
 
-def expected_vocabulary(folder: Path, config: dict[str, Any], model: str) -> Vocabulary:
-    """The vocabulary the converter writes for ``folder`` with tokenizer model ``model``."""
+def expected_vocabulary(
+    folder: Path, config: dict[str, Any], model: str, architecture: str = ""
+) -> Vocabulary:
+    """The vocabulary the converter writes for ``folder`` with tokenizer model ``model``.
+
+    ``architecture`` (``general.architecture``) selects the converter class's own rules where
+    they differ (Phi-3 reads the added tokens of tokenizer.json too).
+    """
     vocab_size = config.get("vocab_size")
     size = vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None
     if model == "llama" and (folder / "tokenizer.model").is_file():
-        found = _sentencepiece(folder, size)
+        found = _sentencepiece(folder, size, phi3=architecture == "phi3")
     elif model == "llama" and (folder / "tokenizer.json").is_file():
         found = _llama_hf(folder)
     elif (folder / "tokenizer.json").is_file():
