@@ -6,7 +6,8 @@ The ``export`` checks compare weights and metadata; only running the file shows 
 every weight is right but whose runtime output is wrong. This script runs the tiny merge of
 fixtures/gguf through transformers (float32) and each committed GGUF through llama.cpp
 (``llama-cpp-python``, which builds llama.cpp from source when installed: too slow for CI),
-on the same token ids, and prints the largest logit difference and the top-1 agreement:
+on the same token ids, and prints the largest and the root-mean-square logit difference and
+the top-1 agreement:
 
 - ``llama-f32.gguf`` calibrates the noise floor: llama.cpp's kernels against torch's;
 - ``llama-{f16,bf16,q8_0}.gguf`` add the quantization noise of each type;
@@ -14,8 +15,8 @@ on the same token ids, and prints the largest logit difference and the top-1 agr
   changed with ``gguf_set_metadata`` have the right weights (the values check passes on both;
   the parameters check names the change) but compute something else.
 
-A file whose difference exceeds ``--margin`` times the worst of the faithful files of the same
-or a finer type is flagged.
+A file whose RMS difference exceeds ``--margin`` times the worst of the faithful files is
+flagged.
 """
 
 from __future__ import annotations
@@ -63,19 +64,21 @@ def gguf_logits(path: Path, tokens: list[list[int]]) -> list[np.ndarray]:
     return out
 
 
-def compare(found: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float]:
-    """(largest |logit difference|, fraction of positions with the same top-1 token)."""
-    diffs = [float(np.abs(a - b).max()) for a, b in zip(found, expected, strict=True)]
-    same = [float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in zip(found, expected,
-                                                                         strict=True)]
-    return max(diffs), float(np.mean(same))
+def compare(found: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float, float]:
+    """(largest and root-mean-square logit difference, fraction of positions with the same
+    top-1 token)."""
+    pairs = list(zip(found, expected, strict=True))
+    largest = max(float(np.abs(a - b).max()) for a, b in pairs)
+    rms = float(np.sqrt(np.mean(np.concatenate([((a - b) ** 2).ravel() for a, b in pairs]))))
+    same = float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in pairs])))
+    return largest, rms, same
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--margin", type=float, default=4.0)
+    parser.add_argument("--margin", type=float, default=2.0)
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -99,16 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         logits = {name: gguf_logits(path, tokens) for name, path in files.items()}
     figures = {name: compare(found, expected) for name, found in logits.items()}
     faithful = logits["llama-q8_0.gguf"]
-    floor = max(figures[f"llama-{t}.gguf"][0] for t in FAITHFUL)
+    floor = max(figures[f"llama-{t}.gguf"][1] for t in FAITHFUL)
     print(f"{len(tokens)} sequences of up to {args.length} tokens; reference: the merged model"
           " in transformers, float32")
-    print(f"| file | max abs logit diff | top-1 agreement | vs faithful q8_0 in llama.cpp |"
-          f" verdict (> {args.margin:g} x faithful worst {floor:.3g}) |")
-    print("|---|---|---|---|---|")
-    for name, (diff, same) in figures.items():
-        against = compare(logits[name], faithful)[0]
-        verdict = "differs" if diff > args.margin * floor else "within noise"
-        print(f"| {name} | {diff:.4g} | {same:.1%} | {against:.3g} | {verdict} |")
+    print(f"| file | max abs logit diff | RMS logit diff | top-1 agreement | RMS vs faithful"
+          f" q8_0 in llama.cpp | verdict (RMS > {args.margin:g} x faithful worst"
+          f" {floor:.3g}) |")
+    print("|---|---|---|---|---|---|")
+    for name, (diff, rms, same) in figures.items():
+        against = compare(logits[name], faithful)[1]
+        verdict = "differs" if rms > args.margin * floor else "within noise"
+        print(f"| {name} | {diff:.3g} | {rms:.3g} | {same:.1%} | {against:.3g} | {verdict} |")
     return 0
 
 

@@ -96,6 +96,7 @@ def check_model(ctx: Context, path: Path) -> CheckResult:
     figures: dict[str, Any] = {
         "architecture": layout.architecture,
         "tensors": len(export.tensors),
+        "bytes": export.size,
         "parts": [p.name for p in export.parts],
         "omitted": layout.omitted,
         "generated": layout.generated,

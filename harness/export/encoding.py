@@ -31,6 +31,16 @@ if TYPE_CHECKING:
 PLAIN = frozenset(
     {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
 )
+#: Reproducible types llama-quantize may also make with an importance matrix (a weighted scale
+#: search): when no route reproduces their bytes they are held to the error bound instead.
+SEARCHED = frozenset(
+    {
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.Q5_0,
+        gguf.GGMLQuantizationType.Q5_1,
+    }
+)
 #: Bound on a decoded element's error, in uniform quantization steps over its block's range.
 BOUND_STEPS = 2.0
 BOUND_TEXT = (

@@ -123,11 +123,6 @@ class Layout:
     #: GGUF tensor -> "export (a, b) vs merged (c, d)" for shapes that disagree.
     shapes: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def complete(self) -> bool:
-        """Whether both sides are fully accounted for and every shape agrees."""
-        return not (self.unmapped or self.unexplained or self.missing or self.shapes)
-
 
 def hf_architecture(config: dict[str, Any] | None) -> str:
     """The merged model's ``architectures[0]`` (empty when the config has none)."""
