@@ -23,6 +23,7 @@ Targets on the 1.1B shape: (e) peak RSS under 1 GiB and wall time within 2x of (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -106,17 +107,29 @@ def convert(info: dict[str, Any], llama_cpp: Path, source: Path) -> tuple[Path, 
     return target, run.wall_s
 
 
-def contenders(info: dict[str, Any], source: Path, gguf: Path) -> dict[str, list[str]]:
+def contenders(info: dict[str, Any], source: Path, gguf: Path,
+               reports: Path) -> dict[str, list[str]]:
     merged_files = sorted(Path(info["merged"]).glob("*.safetensors"))
     base_files = sorted(Path(info["base"]).glob("*.safetensors"))
     pytest = [python(), "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", "-q",
               "--merged-model", str(source), "--export", str(gguf), "--merge-checks", "export"]
     return {
         "r": [python(), "-c", READER, *map(str, merged_files), str(gguf)],
-        "e": pytest,
+        "e": [*pytest, "--merge-report", str(reports / "e.json")],
         "rb": [python(), "-c", READER, *map(str, merged_files), str(gguf), *map(str, base_files)],
-        "eb": [*pytest, "--base-model", str(info["base"])],
+        "eb": [*pytest, "--base-model", str(info["base"]), "--merge-report",
+               str(reports / "eb.json")],
     }
+
+
+def check_seconds(report: Path) -> dict[str, float]:
+    """Seconds of each export check, from the harness's JSON report (the process start and
+    pytest's own work excluded)."""
+    if not report.exists():
+        return {}
+    data = json.loads(report.read_text())
+    return {c["name"].split("[")[0]: float(c.get("seconds") or 0.0)
+            for c in data.get("checks", []) if c.get("family") == "export"}
 
 
 LABELS = {
@@ -146,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Measurement] = {}
     # pytest runs in an empty folder, as a user's gate would (no test files, no configuration).
     empty = Path(tempfile.mkdtemp(prefix="export-bench-"))
-    for key, command in contenders(info, source, gguf).items():
+    for key, command in contenders(info, source, gguf, empty).items():
         runs = []
         for _ in range(args.runs):
             prepare_cache("warm", files)
             runs.append(measure(LABELS[key], command, cwd=empty, env=child_env(),
                                 mem_limit=4 * GiB))
+            if key in ("e", "eb"):
+                runs[-1].extra["check_seconds"] = check_seconds(empty / f"{key}.json")
         results[key] = median_run(runs)
         if not results[key].ok:
             print(f"{LABELS[key]} failed:\n{results[key].output_tail}", flush=True)
@@ -163,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([LABELS[key], f"{run.wall_s:.2f}", f"{run.cpu_s:.2f}",
                      gib(run.peak_rss_bytes), f"{ratio:.2f}", "ok" if run.ok else "FAILED"])
     print(table(["contender", "wall s", "cpu s", "peak RSS GiB", "x read", "exit"], rows))
+    for key in ("e", "eb"):
+        seconds = results[key].extra.get("check_seconds", {})
+        total = sum(seconds.values())
+        baseline = results["r" if key == "e" else "rb"].wall_s or 1.0
+        print(f"{LABELS[key]}: the checks themselves {total:.2f} s ({total / baseline:.2f} x read;"
+              f" process start, imports and pytest the rest): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     checks = {
         "(e) peak RSS < 1 GiB": (results["e"].peak_rss_bytes or 0) < RSS_LIMIT,
         "(e) wall <= 2 x (r)": (results["e"].wall_s or 0) <= WALL_RATIO_LIMIT * (
