@@ -282,6 +282,12 @@ FAMILY_NOTES: dict[Family, tuple[str, str]] = {
         "metrics below their floor, a drop against the base, a difference from the unmerged"
         " adapter model, with sample-size-aware statistics",
     ),
+    Family.EXPORT: (
+        "merged, one `--export FILE.gguf` per export (base for provenance); the `gguf` extra",
+        "an export converted from the base or a twice or partly merged model, weights that"
+        " differ from the merged ones (the first differing block), a tokenizer, chat template or"
+        " architecture parameter that did not come along, a truncated or hostile file",
+    ),
 }
 
 #: Inputs a check needs, where they differ from its family's first need.
@@ -306,14 +312,16 @@ _FAMILY_NEEDS: dict[Family, str] = {
     Family.BEHAVIOUR: "merged, base, adapter",
     Family.LOCK: "merged; a lock file",
     Family.BENCHMARK: "merged",
+    Family.EXPORT: "merged, an export",
 }
 
 
 def every_check_settings() -> Settings:
     """Settings under which every family contributes every check it can.
 
-    All inputs given, every family selected, the lock check asked for (``update_lock``), and a
-    configuration with a perplexity gate and one benchmark metric named ``<task>.<metric>``.
+    All inputs given (one export, ``<export>.gguf``), every family selected, the lock check
+    asked for (``update_lock``), and a configuration with a perplexity gate and one benchmark
+    metric named ``<task>.<metric>``.
     """
     benchmark = BenchmarkConfig(
         include_path=(Path("tasks"),),
@@ -325,6 +333,7 @@ def every_check_settings() -> Settings:
         merged=Path("merged"),
         base=Path("base"),
         adapter=Path("adapter"),
+        exports=(Path("<export>.gguf"),),
         families=None,
         update_lock=True,
         config=config,

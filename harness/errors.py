@@ -37,6 +37,10 @@ class MergeError(HarnessError):
     """A merge cannot be done as asked (existing output, output inside an input, bad size...)."""
 
 
+class ExportError(HarnessError):
+    """An exported file (GGUF) cannot be read, or is not an export of the merged model."""
+
+
 def bounded(text: str, limit: int = MAX_CAUSE) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out."""
     if len(text) <= limit:

@@ -13,7 +13,14 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "harness"
 #: Reading, streaming, the delta registry, the oracle and the merger: the engine.
-ENGINE = ("harness.io", "harness.stream", "harness.deltas", "harness.oracle", "harness.merger")
+ENGINE = (
+    "harness.io",
+    "harness.stream",
+    "harness.deltas",
+    "harness.oracle",
+    "harness.merger",
+    "harness.export",
+)
 #: What the engine must never import.
 ABOVE_ENGINE = ("harness.checks", "harness.run", "harness.gate", "harness.plugin")
 

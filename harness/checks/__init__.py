@@ -22,6 +22,7 @@ FAMILIES: dict[Family, str] = {
     Family.BEHAVIOUR: "harness.checks.behaviour",
     Family.LOCK: "harness.checks.lock",
     Family.BENCHMARK: "harness.checks.benchmark",
+    Family.EXPORT: "harness.checks.export",
 }
 
 

@@ -52,10 +52,12 @@ class CheckItem(pytest.Item):
         self.state = state
         self.add_marker(pytest.mark.merge_harness)
         self.add_marker(getattr(pytest.mark, check.family.value))
-        if check.family is Family.BENCHMARK and self.config.pluginmanager.hasplugin("xdist"):
+        grouped = (Family.BENCHMARK, Family.EXPORT)
+        if check.family in grouped and self.config.pluginmanager.hasplugin("xdist"):
             # Under ``pytest-xdist --dist loadgroup`` every benchmark item runs on one worker, so
-            # each model is evaluated once per run instead of once per worker.
-            self.add_marker(pytest.mark.xdist_group("merge-harness-benchmark"))
+            # each model is evaluated once per run instead of once per worker; the export items
+            # likewise share one value pass per export.
+            self.add_marker(pytest.mark.xdist_group(f"merge-harness-{check.family.value}"))
         self.sharded = check.streamed and state.settings.shard is not None
         if self.sharded and self.config.pluginmanager.hasplugin("xdist"):
             # One worker computes the run's part; the other streamed items read it there.

@@ -9,6 +9,7 @@ it). Nothing here decides precedence: :func:`harness.run.settings.resolve` does,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from harness.errors import HarnessError
+from harness.extras import install_hint
 from harness.run.knobs import KNOBS, Knob, KnobError
 from harness.run.settings import Request
 from harness.stream.partition import parse_shard
@@ -33,6 +35,13 @@ PATH_OPTIONS = (
         " base_model_name_or_path when it is a local folder)",
     ),
     ("--adapter", "adapter", "the PEFT adapter folder that was merged"),
+)
+#: The repeatable option naming exported files to verify against the merged model.
+EXPORT_OPTION = (
+    "--export",
+    "export",
+    "an exported file to verify against the merged model: a .gguf file or the first part of a"
+    " split one (repeatable; needs the gguf extra: pip install 'pytest-merge-harness[gguf]')",
 )
 #: (flag, dest, help) of the boolean switches.
 SWITCHES = (
@@ -108,6 +117,8 @@ def add_options(parser: pytest.Parser) -> None:
     for flag, dest, text in PATH_OPTIONS:
         group.addoption(flag, dest=dest, metavar="PATH", default=None, help=text)
         parser.addini(dest, f"{text} (relative to the ini file)", type="string", default="")
+    flag, dest, text = EXPORT_OPTION
+    group.addoption(flag, dest=dest, metavar="PATH", action="append", default=None, help=text)
     for knob in KNOBS:
         default = "" if knob.default is None else f" (default: {knob.default})"
         group.addoption(
@@ -172,6 +183,11 @@ def _file(config: pytest.Config, dest: str) -> Path | None:
     return Path(value).expanduser().absolute() if value else None
 
 
+def _exports(config: pytest.Config) -> tuple[Path, ...]:
+    values: list[str] = config.getoption(EXPORT_OPTION[1]) or []
+    return tuple(Path(v).expanduser().absolute() for v in values)
+
+
 def is_selection(arg: str) -> bool:
     """Whether a positional argument selects merge checks (``merge``, ``merge::weights::x``)."""
     return arg == "merge" or arg.startswith("merge::")
@@ -187,6 +203,8 @@ def wanted(config: pytest.Config, namespace: Any, positional: list[str]) -> bool
     """
     if any(getattr(namespace, dest, None) for _, dest, _ in PATH_OPTIONS):
         return True
+    if getattr(namespace, EXPORT_OPTION[1], None):
+        return True
     if not any(str(config.getini(dest) or "") for _, dest, _ in PATH_OPTIONS):
         return False
     return all(is_selection(arg) for arg in positional)
@@ -200,6 +218,12 @@ def read_request(config: pytest.Config) -> Request:
         if path is not None and not path.exists():
             given = str(config.getoption(dest) or config.getini(dest))
             raise pytest.UsageError(missing_input(flag, path, given))
+    exports = _exports(config)
+    for path in exports:
+        if not path.is_file():
+            raise pytest.UsageError(f"--export {path}: no such file")
+    if exports and importlib.util.find_spec("gguf") is None:
+        raise pytest.UsageError(f"--export needs the gguf package: {install_hint('gguf')}")
     merged = inputs["merged_model"]
     if merged is not None and is_adapter_folder(merged):
         raise pytest.UsageError(
@@ -211,6 +235,7 @@ def read_request(config: pytest.Config) -> Request:
         merged=inputs["merged_model"],
         base=inputs["base_model"],
         adapter=inputs["adapter"],
+        exports=exports,
         allow_pickle=bool(config.getoption("merge_allow_pickle")),
         trust_remote_code=bool(config.getoption("merge_trust_remote_code")),
         config_path=_file(config, "merge_config"),

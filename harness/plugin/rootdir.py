@@ -32,6 +32,7 @@ VALUE_FLAGS = (
     "--merge-report",
     "--merge-summary",
     "--merge-shard",
+    "--export",
 )
 
 

@@ -37,6 +37,7 @@ class Family(str, enum.Enum):
     BEHAVIOUR = "behaviour"
     LOCK = "lock"
     BENCHMARK = "benchmark"
+    EXPORT = "export"
 
     def __str__(self) -> str:
         return self.value

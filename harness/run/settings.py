@@ -25,6 +25,8 @@ class Request:
     merged: Path | None = None
     base: Path | None = None
     adapter: Path | None = None
+    #: ``--export``: exported files (GGUF) to verify against the merged model.
+    exports: tuple[Path, ...] = ()
     allow_pickle: bool = False
     trust_remote_code: bool = False
     #: ``--merge-config``: an explicit configuration file (None: discovered).
@@ -52,6 +54,8 @@ class Settings:
     merged: Path | None = None
     base: Path | None = None
     adapter: Path | None = None
+    #: Exported files (GGUF, the first part of a split one) verified against the merged model.
+    exports: tuple[Path, ...] = ()
     #: A folder the harness may write to (its own merge); never a user's checkpoint folder.
     workdir: Path | None = None
     allow_pickle: bool = False
@@ -127,6 +131,7 @@ def resolve(
         merged=request.merged,
         base=request.base,
         adapter=request.adapter,
+        exports=request.exports,
         workdir=workdir,
         allow_pickle=request.allow_pickle,
         trust_remote_code=request.trust_remote_code,
