@@ -31,13 +31,13 @@ from harness.errors import HarnessError, one_line
 from harness.gate.apply import apply_gate
 from harness.gate.decide import REQUIRED
 from harness.gate.junit import write_junit
-from harness.gate.report import SCHEMA, SCHEMA_VERSION, harness_version, summary_lines
+from harness.gate.report import MARKS, SCHEMA, SCHEMA_VERSION, harness_version, summary_lines
 from harness.io.files import read_json
 from harness.oracle.parts import Combined, PartResult, combine_parts
 from harness.oracle.stream import OraclePass
 from harness.run.check import Check
 from harness.run.context import Context
-from harness.run.result import CheckResult, Family, Outcome
+from harness.run.result import CheckResult, Family
 from harness.run.settings import Request, Settings, resolve
 from harness.run.state import State
 
@@ -46,13 +46,6 @@ PARTS_CHECK = Check(
     Family.STRUCTURE, "parts", "the partial reports form one whole run of the same inputs",
     lambda ctx: CheckResult.failed("not run"),
 )
-_MARK = {
-    Outcome.PASSED: "PASS",
-    Outcome.FAILED: "FAIL",
-    Outcome.SKIPPED: "skip",
-    Outcome.INCONCLUSIVE: "INCONCLUSIVE",
-    Outcome.WARNING: "WARN",
-}
 
 
 @dataclasses.dataclass
@@ -327,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Combine, print the summary and the gate's lines, write JUnit; the exit status."""
     state, status = combine_run(args)
-    for line in summary_lines(state.suite, state.results, _MARK):
+    for line in summary_lines(state.suite, state.results, MARKS):
         print(line)
     for line in state.gate_lines:
         print(line)

@@ -44,6 +44,14 @@ LIBRARIES = (
 )
 #: Outcome of a check that is part of the suite but produced no result (deselected).
 NOT_RUN = "not_run"
+#: The mark each outcome gets in the terminal summary.
+MARKS: dict[Outcome, str] = {
+    Outcome.PASSED: "PASS",
+    Outcome.FAILED: "FAIL",
+    Outcome.SKIPPED: "skip",
+    Outcome.INCONCLUSIVE: "INCONCLUSIVE",
+    Outcome.WARNING: "WARN",
+}
 
 
 def summary_lines(

@@ -10,18 +10,10 @@ import pytest
 
 from harness.checks.split import fingerprint
 from harness.gate.apply import apply_gate
-from harness.gate.report import summary_lines
+from harness.gate.report import MARKS, summary_lines
 from harness.plugin.items import PART_PROPERTY, RESULT_PROPERTY, CheckItem, MergeSuite
-from harness.run.result import CheckResult, Family, Outcome
+from harness.run.result import CheckResult, Family
 from harness.run.state import State
-
-_MARK = {
-    Outcome.PASSED: "PASS",
-    Outcome.FAILED: "FAIL",
-    Outcome.SKIPPED: "skip",
-    Outcome.INCONCLUSIVE: "INCONCLUSIVE",
-    Outcome.WARNING: "WARN",
-}
 
 
 def _selects(selection: str, nodeid: str) -> bool:
@@ -109,7 +101,7 @@ class HarnessSession:
             )
         for line in self.state.notes:
             terminalreporter.write_line(line)
-        for line in summary_lines(self.state.suite, self.state.results, _MARK):
+        for line in summary_lines(self.state.suite, self.state.results, MARKS):
             terminalreporter.write_line(line)
         for line in self.state.gate_lines:
             terminalreporter.write_line(line)
