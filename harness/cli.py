@@ -22,6 +22,7 @@ from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
 from harness.merger import merge_checkpoint
 from harness.stream.hashing import dumps_manifest, hash_checkpoint
+from harness.text import escape_controls
 
 #: Exit status for bad input (a one-line cause on stderr).
 USAGE_ERROR = 2
@@ -77,7 +78,7 @@ def _hash_run(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps_manifest(manifest))
     else:
-        print(f"{manifest.digest}  {args.path}")
+        print(f"{manifest.digest}  {escape_controls(args.path)}")
     return 0
 
 

@@ -75,7 +75,7 @@ def lock_state(ctx: Context) -> LockState:
 
     def compute() -> LockState:
         path = lock_path(ctx.settings)
-        recorded = read_lock(path)
+        recorded = read_lock(path, named=ctx.settings.lock_named)
         current = current_digests(ctx)
         if recorded is None:
             return LockState(path, LockStatus.ABSENT, current)

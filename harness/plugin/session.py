@@ -13,6 +13,7 @@ from harness.plugin.finish import apply_gate
 from harness.plugin.items import RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.plugin.state import State
 from harness.run.result import CheckResult, Outcome
+from harness.text import safe_line
 
 _MARK = {
     Outcome.PASSED: "PASS",
@@ -65,7 +66,7 @@ class HarnessSession:
             return
         terminalreporter.section("merge-harness")
         for line in self.state.notes:
-            terminalreporter.write_line(line)
+            terminalreporter.write_line(safe_line(line))
         for line in summary_lines(self.state.suite, self.state.results, _MARK):
             terminalreporter.write_line(line)
         for line in self.state.gate_lines:
