@@ -91,7 +91,7 @@ class LoraType:
     def _module(
         self, adapter: Adapter, index: int, target: Target, module: str, roles: dict[str, str]
     ) -> list[Edit]:
-        scale = LoraScale(adapter.config, module)
+        scale = LoraScale(adapter.config, module, matcher=adapter.patterns)
         edits: list[Edit] = []
         if "lora_A" in roles or "lora_B" in roles:
             if "lora_A" not in roles or "lora_B" not in roles:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.errors import AdapterError, CheckpointError
 from harness.io.files import read_json
+from harness.io.patterns import PatternMatcher
 from harness.io.pickled import load_pickle_state, pickle_infos
 from harness.io.safetensors import (
     SafetensorsFile,
@@ -106,6 +106,11 @@ class Adapter:
         """Where the adapter says its base model is (a local folder or a hub id)."""
         value = self.config.get("base_model_name_or_path")
         return value if isinstance(value, str) and value else None
+
+    @cached_property
+    def patterns(self) -> PatternMatcher:
+        """Compiles and matches this adapter's regexes within one time budget (peft's rules)."""
+        return PatternMatcher(CONFIG_FILE)
 
     @cached_property
     def layout(self) -> AdapterLayout:
@@ -225,8 +230,9 @@ def validate_config(adapter: Adapter) -> None:
     """Reject configs peft itself would refuse or that make the merge meaningless.
 
     Raises :class:`AdapterError` with a one-line cause: ``r <= 0``, a negative or non-numeric
-    alpha, bad ``rank_pattern``/``alpha_pattern`` entries, or an adapter file without a single
-    adapter tensor (its ``target_modules`` matched nothing).
+    alpha, bad ``rank_pattern``/``alpha_pattern`` entries, a pattern ``re`` cannot compile
+    (:mod:`harness.io.patterns`), or an adapter file without a single adapter tensor (its
+    ``target_modules`` matched nothing).
     """
     config = adapter.config
     where = CONFIG_FILE
@@ -252,12 +258,11 @@ def validate_config(adapter: Adapter) -> None:
             for key, value in pattern.items():
                 if not check(value):
                     raise AdapterError(f"{where}: {name}[{key!r}] must be {what}, got {value!r}")
-                try:
-                    re.compile(key)
-                except re.error as exc:
-                    raise AdapterError(
-                        f"{where}: {name} key {key!r} is not a regex: {exc}"
-                    ) from None
+                adapter.patterns.compile(key, f"{name} key")
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        value = config.get(name)
+        if isinstance(value, str):
+            adapter.patterns.compile(value, name)
     layout = adapter.layout
     if not layout.modules and not (set(layout.copies) - layout.base_layer_copies):
         targets = config.get("target_modules")
@@ -265,16 +270,3 @@ def validate_config(adapter: Adapter) -> None:
             f"{WEIGHTS_FILE}: no adapter weights (target_modules {targets!r} matched nothing"
             " when the adapter was saved?)"
         )
-
-
-def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    r"""The ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as peft matches it.
-
-    peft's ``get_pattern_key`` returns the first key (in the pattern's order) for which
-    ``re.match(rf"(.*\.)?({key})$", module)`` succeeds: a regex anchored at the end and at a
-    module-path boundary.
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None

@@ -1,0 +1,166 @@
+"""Hostile side files: sidecars that point at secrets, custom code outside config.json, and
+tokenizers that claim more than the model holds.
+
+Every case is a private copy of a tiny real merge, changed the way a pull request would change
+it, and checked through the real plugin. The runner's "secrets" are a file outside the folders
+holding a token; no output of the run may contain it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SECRET = "ghs_0123456789abcdefSECRET"
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    path = tmp_path / "runner" / "environ.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"GITHUB_TOKEN": SECRET, "do_sample": SECRET}) + "\n")
+    return path
+
+
+@pytest.fixture
+def merge(pytester: pytest.Pytester, tiny_llama) -> Path:
+    return Path(shutil.copytree(tiny_llama.merged, pytester.path / "merged"))
+
+
+def run(pytester: pytest.Pytester, tiny_llama, merged: Path, *args: str) -> tuple[int, str]:
+    report, summary = pytester.path / "report.json", pytester.path / "summary.md"
+    result = pytester.runpytest(
+        "-p", "no:randomly", "--merged-model", str(merged), "--base-model", str(tiny_llama.base),
+        "--merge-report", str(report), "--merge-summary", str(summary), *args,
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output and "INTERNALERROR" not in output, output
+    texts = [output, report.read_text(encoding="utf-8"), summary.read_text(encoding="utf-8")]
+    for text in texts:
+        assert SECRET not in text
+    return result.ret, "\n".join(texts)
+
+
+# ---- sidecars ---------------------------------------------------------------------------------
+
+
+SIDECARS = ("--merge-checks", "behaviour", "-k", "sidecars")
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
+def test_sidecar_symlinked_to_a_secret_is_refused_unread(pytester, tiny_llama, merge, secret,
+                                                         name):
+    from harness.evals.tokenizer import build_char_tokenizer
+
+    base = Path(shutil.copytree(tiny_llama.base, pytester.path / "base"))
+    build_char_tokenizer(base, 128)  # the base ships a tokenizer: the merge must too
+    (merge / name).unlink(missing_ok=True)
+    (merge / name).symlink_to(secret)
+    result = pytester.runpytest("-p", "no:randomly", "--merged-model", str(merge),
+                                "--base-model", str(base), *SIDECARS)
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == 1 and SECRET not in output and "Traceback" not in output
+    result.stdout.fnmatch_lines([f"FAIL merge::behaviour::sidecars *{merge / name}: symlink"
+                                 " resolves outside its folder*"])
+
+
+def test_sidecar_that_is_a_pipe_is_refused(pytester, tiny_llama, merge):
+    (merge / "generation_config.json").unlink()
+    os.mkfifo(merge / "generation_config.json")
+    status, text = run(pytester, tiny_llama, merge, *SIDECARS)
+    assert status == 1
+    assert "generation_config.json: not a regular file (a pipe, socket or device)" in text
+
+
+def test_sidecar_diff_is_bounded_and_escaped(pytester, tiny_llama, merge):
+    config = json.loads((merge / "generation_config.json").read_text())
+    config["eos_token_id"] = "\n::error::x" + "A" * 5000
+    (merge / "generation_config.json").write_text(json.dumps(config))
+    status, text = run(pytester, tiny_llama, merge, *SIDECARS)
+    assert status == 0  # a differing sidecar is a warning
+    assert "AAAA" in text and "A" * 100 not in text
+
+
+# ---- custom code in any configuration file ----------------------------------------------------
+
+AUTO_MAP = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tokenizer_config.json", "processor_config.json", "generation_config.json",
+     "preprocessor_config.json"],
+)
+def test_auto_map_outside_config_json_is_refused(pytester, tiny_llama, merge, name):
+    path = merge / name
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["auto_map"] = AUTO_MAP
+    path.write_text(json.dumps(data))
+    (merge / "tokenization_evil.py").write_text("import os\nos.system('echo pwned')\n")
+    status, text = run(pytester, tiny_llama, merge, "--merge-checks", "security")
+    assert status == 1
+    assert (f"{path} has auto_map (custom code (tokenization_evil.py)); refusing custom code"
+            in text)
+
+
+def test_nested_auto_map_and_adapter_folder_are_in_scope(pytester, tiny_llama, merge):
+    adapter = Path(shutil.copytree(tiny_llama.adapter, pytester.path / "adapter"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["auto_mapping"] = {"base_model_class": "Evil", "parent_library": "evil_module"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    status, text = run(pytester, tiny_llama, merge, "--adapter", str(adapter),
+                       "--merge-checks", "security")
+    assert status == 1
+    assert f"{adapter / 'adapter_config.json'} has auto_mapping (custom code)" in text
+
+
+def test_configuration_symlinked_out_is_refused(pytester, tiny_llama, merge, secret):
+    (merge / "processor_config.json").symlink_to(secret)
+    status, text = run(pytester, tiny_llama, merge, "--merge-checks", "security")
+    assert status == 1
+    assert "processor_config.json: symlink resolves outside its folder" in text
+
+
+# ---- tokenizers that claim more than the model --------------------------------------------------
+
+
+def benchmark_config(root: Path, tokenizer: str) -> Path:
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "tasks"
+    config = root / "gate.toml"
+    config.write_text(
+        f"tokenizer = '{tokenizer}'\nconfig_allow = ['vocab_size']\n[benchmark]\n"
+        f"include_path = '{fixtures}'\n[benchmark.tasks.tiny_choice]\nacc = {{ floor = 0.0 }}\n"
+    )
+    return config
+
+
+def test_builtin_tokenizer_sized_by_the_model_not_the_config(pytester, tiny_llama, merge):
+    """An allow-listed vocab_size of 10**9 with builtin:chars: refused before building."""
+    config = json.loads((merge / "config.json").read_text())
+    config["vocab_size"] = 10**9
+    (merge / "config.json").write_text(json.dumps(config))
+    gate = benchmark_config(pytester.path, "builtin:chars")
+    status, text = run(pytester, tiny_llama, merge, "--merge-config", str(gate),
+                       "--merge-checks", "benchmark")
+    assert status == 1
+    assert (f"{merge / 'config.json'}: vocab_size 1000000000 but the input embedding holds"
+            " 128 rows; refusing to build a builtin:chars tokenizer larger than the model") in text
+
+
+def test_tokenizer_claiming_a_billion_ids_is_refused_before_loading(pytester, tiny_llama, merge):
+    from harness.evals.tokenizer import build_char_tokenizer
+
+    folder = build_char_tokenizer(pytester.path / "tokenizer", 128)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 10**9, "content": "<x>", "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    gate = benchmark_config(pytester.path, str(folder))
+    status, text = run(pytester, tiny_llama, merge, "--merge-config", str(gate),
+                       "--merge-checks", "benchmark")
+    assert status == 1
+    assert (f"{folder / 'tokenizer.json'}: declares token id 1000000000 but the model's input"
+            " embedding holds 128 rows") in text
