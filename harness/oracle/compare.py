@@ -290,6 +290,8 @@ def compare_untouched(
         diff = (m.double() - w.double()).abs()
         flat = int(torch.argmax(torch.nan_to_num(diff, nan=math.inf)))
     else:
+        # integers, booleans, complex and scale formats: compared (and shown) as stored bits
+        m, w = _bits(m), _bits(w)
         differ = m != w
         flat = int(torch.argmax(differ.to(torch.uint8)))
     check.failed = check.changed = int(differ.sum())
