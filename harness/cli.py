@@ -18,14 +18,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.io.checkpoint import Checkpoint
-from harness.merger import merge_checkpoint
+from harness.merger import Terminated, merge_checkpoint, sigterm_unwinds
 from harness.stream.hashing import dumps_manifest, hash_checkpoint
 from harness.text import escape_controls
 
 #: Exit status for bad input (a one-line cause on stderr).
 USAGE_ERROR = 2
+#: Exit statuses of ``merge``; on every one but 0 nothing is left at OUT or beside it.
+MERGE_EXIT = {"failed": USAGE_ERROR, "interrupted": 130, "terminated": 143}
 
 
 @dataclass(frozen=True)
@@ -98,22 +100,50 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.epilog = (
+        "exit status: 0 written; 2 not written, with a one-line cause on stderr (bad input, OUT"
+        " exists or another merge into it is running, a write error such as a full disk); 130"
+        " interrupted (Ctrl-C); 143 terminated (SIGTERM). Unless 0, nothing is left at OUT or"
+        " beside it."
+    )
 
 
 def _merge_run(args: argparse.Namespace) -> int:
+    """Merge; every failure is one line on stderr, never a traceback (exit codes: MERGE_EXIT)."""
+
+    def say(text: str) -> None:
+        print(f"merge-harness merge: {one_line(text)}", file=sys.stderr)
 
     size: int | str | None = args.max_shard_size
     if isinstance(size, str) and size.isdigit():
         size = int(size)
-    out = merge_checkpoint(
-        Path(args.base),
-        [Path(a) for a in args.adapters],
-        Path(args.out),
-        max_shard_size=size,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    print(out)
+    try:
+        with sigterm_unwinds():
+            out = merge_checkpoint(
+                Path(args.base),
+                [Path(a) for a in args.adapters],
+                Path(args.out),
+                max_shard_size=size,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                notify=say,
+            )
+    except Terminated:
+        say("terminated (SIGTERM); nothing was written")
+        return MERGE_EXIT["terminated"]
+    except KeyboardInterrupt:
+        say("interrupted; nothing was written")
+        return MERGE_EXIT["interrupted"]
+    except (HarnessError, OSError) as exc:
+        say(str(exc) if isinstance(exc, HarnessError) else f"{exc.strerror or exc}")
+        return MERGE_EXIT["failed"]
+    except MemoryError:
+        say("ran out of memory; nothing was written")
+        return MERGE_EXIT["failed"]
+    except Exception as exc:  # a bug, still one line: the user's inputs are not at fault
+        say(f"internal error: {type(exc).__name__}: {exc}")
+        return MERGE_EXIT["failed"]
+    print(escape_controls(str(out)))
     return 0
 
 
