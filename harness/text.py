@@ -50,6 +50,23 @@ def bounded(text: str, limit: int = MAX_VALUE) -> str:
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+#: Characters of one value quoted inside a message (a name, a config value).
+MAX_SHOWN = 200
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` for a message, cut *before* it is built when the value is long.
+
+    A 50 MB config string quoted with ``{value!r}`` would first become a 50 MB message; this
+    quotes its first ``limit`` characters and states the size of the rest.
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value) - limit} more characters)"
+    if isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return bounded(repr(value), limit)
+
+
 def _escape(match: re.Match[str]) -> str:
     char = match.group()
     if char in _NAMED:

@@ -19,12 +19,13 @@ from harness.architectures import (
     TIE_DEFAULT,
     find_suffix,
 )
-from harness.checks.passes import merged_scan
+from harness.checks.passes import justified_sizes, merged_scan
 from harness.io.checkpoint import Checkpoint
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family
 from harness.run.settings import Settings
+from harness.text import shown
 
 
 def _human(n: int) -> str:
@@ -37,8 +38,8 @@ def _human(n: int) -> str:
 
 
 def _first(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    quoted = ", ".join(shown(n) for n in names[:limit])
+    return quoted + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---- merged alone ----------------------------------------------------------------------
@@ -254,8 +255,10 @@ def check_config(ctx: Context) -> CheckResult:
         key = differing[0]
         return CheckResult.failed(
             f"config.json differs from the base in {len(differing)} key(s) outside the"
-            f" allow-list; {key!r}: base {base.get(key)!r}, merged {merged.get(key)!r}",
-            [f"{k}: {base.get(k)!r} -> {merged.get(k)!r}" for k in differing[:10]],
+            f" allow-list; {shown(key)}: base {shown(base.get(key))}, merged"
+            f" {shown(merged.get(key))}",
+            [f"{shown(k)}: {shown(base.get(k))} -> {shown(merged.get(k))}"
+             for k in differing[:10]],
             keys=differing,
         )
     changed = sorted(k for k in set(merged) | set(base) if merged.get(k) != base.get(k))
@@ -276,6 +279,7 @@ def check_tied_embeddings(ctx: Context) -> CheckResult:
     if tied:
         if out is None:
             return CheckResult.passed(f"tied: only {inp!r} stored, shared as the output head")
+        justified_sizes(ctx)
         same = merged.read_bytes(inp) == merged.read_bytes(out)
         if not same:
             return CheckResult.failed(

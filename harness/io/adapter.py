@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.dtypes import FLOATING
 from harness.errors import AdapterError, CheckpointError
 from harness.io.files import read_json
 from harness.io.patterns import PatternMatcher
@@ -20,6 +21,7 @@ from harness.io.safetensors import (
     read_range,
     tensor_from_bytes,
 )
+from harness.text import shown
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +53,8 @@ class Adapter:
     file: SafetensorsFile | None
     tensors: dict[str, TensorInfo]
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: Keys already checked to be finite (a tensor is read once per edit and dtype).
+    _finite: set[str] = field(default_factory=set, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
@@ -118,15 +122,36 @@ class Adapter:
         return parse_layout(self.tensors)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One adapter tensor by its saved key, as a CPU tensor."""
+        """One adapter tensor by its saved key, as a CPU tensor; AdapterError if not finite.
+
+        A NaN or an Inf in an adapter factor makes the merged weights NaN or Inf, and the
+        oracle's bound on them infinite: such an adapter is broken, whatever the merge did.
+        """
         if self._pickled is not None:
-            return self._pickled[key]
-        info = self.tensors[key]
-        try:
-            data = read_range(info, bytearray(info.nbytes))
-        except CheckpointError as exc:
-            raise AdapterError(str(exc)) from None
-        return tensor_from_bytes(info, data)
+            tensor = self._pickled[key]
+        else:
+            info = self.tensors[key]
+            try:
+                data = read_range(info, bytearray(info.nbytes))
+            except CheckpointError as exc:
+                raise AdapterError(str(exc)) from None
+            tensor = tensor_from_bytes(info, data)
+        if key not in self._finite:
+            self._check_finite(key, tensor)
+        return tensor
+
+    def _check_finite(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        if tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                where = self.tensors[key].file if self.file is not None else self.root
+                raise AdapterError(
+                    f"{where}: adapter tensor {key!r} holds {bad} NaN/Inf value(s): a"
+                    " non-finite adapter factor makes every merged value unverifiable"
+                )
+        self._finite.add(key)
 
 
 def discover_base(adapter_path: Path) -> Path:
@@ -259,6 +284,12 @@ def validate_config(adapter: Adapter) -> None:
                 if not check(value):
                     raise AdapterError(f"{where}: {name}[{key!r}] must be {what}, got {value!r}")
                 adapter.patterns.compile(key, f"{name} key")
+    for key, info in adapter.tensors.items():
+        if info.dtype not in FLOATING:
+            raise AdapterError(
+                f"{info.file}: adapter tensor {shown(key)} is {info.dtype}; adapter weights are"
+                " floating point"
+            )
     for name in ("target_modules", "exclude_modules", "feedforward_modules"):
         value = config.get(name)
         if isinstance(value, str):

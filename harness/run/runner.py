@@ -102,13 +102,24 @@ def sanitize(result: CheckResult) -> CheckResult:
     return result
 
 
+def _inputs(ctx: Context) -> str:
+    """The inputs of the run, for a failure that could not name its file itself."""
+    named = [(label, path) for label, path in (
+        ("merged", ctx.settings.merged), ("base", ctx.settings.base),
+        ("adapter", ctx.settings.adapter),
+    ) if path is not None]
+    return ", ".join(f"{label} {path}" for label, path in named) or "no input"
+
+
 def _guarded(check: Check, ctx: Context) -> CheckResult:
     try:
         result = check.run(ctx)
     except HarnessError as exc:
         return CheckResult.failed(one_line(exc))
     except (MemoryError, RecursionError) as exc:
-        return CheckResult.failed(f"ran out of resources: {type(exc).__name__}")
+        return CheckResult.failed(
+            f"ran out of resources: {type(exc).__name__} while checking {_inputs(ctx)}"
+        )
     except SystemExit as exc:  # a library calling sys.exit() must not end the whole run
         return CheckResult(
             Outcome.FAILED,
@@ -118,7 +129,8 @@ def _guarded(check: Check, ctx: Context) -> CheckResult:
     except Exception as exc:
         return CheckResult(
             Outcome.FAILED,
-            f"internal error in {check.id}: {type(exc).__name__}: {one_line(exc)}",
+            f"internal error in {check.id}: {type(exc).__name__}: {one_line(exc)} (checking"
+            f" {_inputs(ctx)})",
             traceback="".join(traceback.format_exception(exc)),
         )
     if not isinstance(result, CheckResult):
