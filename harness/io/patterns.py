@@ -22,13 +22,14 @@ names, so that an adapter peft would hang on is refused before peft ever loads i
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from harness.errors import AdapterError
-from harness.limits import Expired, enforceable, time_limit
+from harness.limits import Expired, Limit, enforceable, time_limit
 from harness.text import bounded
 
 #: Seconds all the pattern matching of one adapter may take (ordinary patterns need microseconds
@@ -50,6 +51,31 @@ class PatternMatcher:
         self.seconds = seconds
         self.spent = 0.0
         self._compiled: dict[str, re.Pattern[str]] = {}
+        #: The time limit of a :meth:`session` in progress (its matches arm no timer of their own).
+        self._session: Limit | None = None
+        self._failure: tuple[str, str] | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Many matches under one timer (arming one per match would cost more than the match)."""
+        if self._session is not None or not enforceable():
+            yield
+            return
+        started = time.perf_counter()
+        mine: list[Limit | None] = []
+        try:
+            with time_limit(max(self.seconds - self.spent, 1e-3)) as limit:
+                mine.append(limit)
+                self._session = limit
+                yield
+        except Expired as exc:
+            if not mine or exc.limit is not mine[0]:
+                raise
+            pattern, what = self._failure or ("?", "a pattern")
+            raise self._too_slow(pattern, what) from None
+        finally:
+            self._session = None
+            self.spent += time.perf_counter() - started
 
     def compile(self, pattern: str, what: str) -> re.Pattern[str]:
         """``pattern`` compiled by ``re``, or :class:`AdapterError` saying why it cannot be."""
@@ -88,6 +114,9 @@ class PatternMatcher:
                  compiled: re.Pattern[str] | None = None, text: str = "",
                  full: bool = False) -> Any:
         """Run ``compute`` within the rest of the budget; AdapterError when it runs out."""
+        if self._session is not None:
+            self._failure = (pattern, what)  # named if the session's timer rings in here
+            return compute()
         left = self.seconds - self.spent
         if left <= 0:
             raise self._too_slow(pattern, what)
@@ -183,7 +212,11 @@ def screen(config: dict[str, Any], names: Iterable[str], matcher: PatternMatcher
     longer than the budget to match. Which modules match does not matter here: only that
     peft's matching ends.
     """
-    modules = list(names)
+    with matcher.session():
+        _replay(config, list(names), matcher)
+
+
+def _replay(config: dict[str, Any], modules: list[str], matcher: PatternMatcher) -> None:
     targets = config.get("target_modules")
     for name in modules:
         if isinstance(targets, str):
