@@ -115,21 +115,21 @@ MAX_ITEMS = 1000
 
 
 def bounded_data(value: Any, limit: int = MAX_VALUE, items: int | None = MAX_ITEMS) -> Any:
-    """A JSON-able value with every string bounded and escaped, and long collections cut.
+    """A JSON-able value with every string a :func:`safe_line`, and long collections cut.
 
     What a report shows of figures that may quote an input (tensor names, config keys). A cut
     list ends with a ``"... N more"`` entry and a cut mapping with a ``"..."`` key, so the size
     is stated. Numbers, booleans and None pass unchanged.
     """
     if isinstance(value, str):
-        return escape_controls(bounded(value, limit))
+        return safe_line(value, limit)
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for index, (key, item) in enumerate(value.items()):
             if items is not None and index == items:
                 out["..."] = f"{len(value) - items} more entries"
                 break
-            out[escape_controls(bounded(str(key), limit))] = bounded_data(item, limit, items)
+            out[safe_line(key, limit)] = bounded_data(item, limit, items)
         return out
     if isinstance(value, (list, tuple)):
         kept = list(value) if items is None else list(value[:items])

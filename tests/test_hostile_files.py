@@ -164,3 +164,81 @@ def test_tokenizer_claiming_a_billion_ids_is_refused_before_loading(pytester, ti
     assert status == 1
     assert (f"{folder / 'tokenizer.json'}: declares token id 1000000000 but the model's input"
             " embedding holds 128 rows") in text
+
+
+# ---- the merger copies side files under the same guards ------------------------------------------
+
+
+def test_merge_refuses_a_side_file_symlinked_to_a_secret(tmp_path, tiny_llama, secret):
+    import subprocess
+    import sys
+
+    base = Path(shutil.copytree(tiny_llama.base, tmp_path / "base"))
+    (base / "generation_config.json").unlink()
+    (base / "generation_config.json").symlink_to(secret)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "merge", str(base), str(tiny_llama.adapter),
+         str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"merge-harness merge: {base / 'generation_config.json'}: symlink resolves outside its"
+        f" folder (to {secret}); refusing to read it"
+    )
+    assert not out.exists() and SECRET not in done.stdout + done.stderr
+
+
+# ---- hostile inputs that used to be "internal error" or "ran out of resources" ------------------
+
+
+def _deep_sidecar(merge: Path, adapter: Path) -> Path:
+    (merge / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return merge / "generation_config.json"
+
+
+def _deep_pattern(merge: Path, adapter: Path) -> Path:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"(" * 5000 + "q_proj" + ")" * 5000: 4}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return Path("adapter_config.json")
+
+
+def _repeat_count(merge: Path, adapter: Path) -> Path:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = "q_proj{4294967296}"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return Path("adapter_config.json")
+
+
+def _huge_empty_dimension(merge: Path, adapter: Path) -> Path:
+    from hostile import join, split
+
+    path = merge / "model.safetensors"
+    header, data = split(path)
+    header["empty"] = {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [len(data)] * 2}
+    path.write_bytes(join(header, data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_deep_sidecar, _deep_pattern, _repeat_count, _huge_empty_dimension],
+    ids=["sidecar-nested-100000", "rank-pattern-nested-5000", "repeat-2**32", "dimension-2**64"],
+)
+def test_hostile_inputs_are_named_not_internal_errors(pytester, tiny_llama, merge, make):
+    adapter = Path(shutil.copytree(tiny_llama.adapter, pytester.path / "adapter"))
+    named = make(merge, adapter)
+    result = pytester.runpytest(
+        "-p", "no:randomly", "--merge-checks", "structure,weights,behaviour", "-k",
+        "not forward and not generation and not logits",
+        "--merged-model", str(merge), "--base-model", str(tiny_llama.base),
+        "--adapter", str(adapter), "--merge-examples", "2",
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == 1
+    assert "Traceback" not in output and "INTERNALERROR" not in output
+    assert "internal error" not in output and "ran out of resources" not in output, output
+    failed = [line for line in result.stdout.lines if line.startswith("FAIL merge::")]
+    assert failed and all(str(named) in line for line in failed), failed

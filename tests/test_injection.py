@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from guard import differences, snapshot
 from hostile import COMMAND_FORMS, executed_commands, foreign_commands, hostile_merge
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harness.text import bounded, escape_controls, inert, is_command, safe_line, safe_text
@@ -95,9 +96,13 @@ def _check_run(output: str, folder: Path) -> None:
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(text=hostile_text)
+@example(text="x\n::error title=merge-harness::gate PASSED")  # the reported attack
+@example(text="##[error]legacy")
+@example(text="\u3000::add-mask::x\r::set-output name=outcome::passed\udc80%0A")
 def test_plugin_output_never_runs_a_foreign_command(pytester, tiny_llama, actions, text):
     folder = Path(tempfile.mkdtemp(prefix="run-", dir=pytester.path))
     merged = hostile_merge(tiny_llama.merged, folder / "merged", text)
+    before = snapshot(folder)
     result = pytester.runpytest(
         "-p", "no:randomly", "-rA", "--merge-checks", FAMILIES, "--merged-model", str(merged),
         "--base-model", str(tiny_llama.base), "--merge-report", str(folder / "report.json"),
@@ -106,6 +111,11 @@ def test_plugin_output_never_runs_a_foreign_command(pytester, tiny_llama, action
     assert result.ret == 1
     output = result.stdout.str() + "\n" + result.stderr.str()
     _check_run(output, folder)
+    # no input byte changed, nothing written but the two named outputs
+    changes = differences(before, snapshot(folder))
+    assert {"added report.json", "added summary.md"} <= set(changes)
+    assert all(c in ("added report.json", "added summary.md") or c.startswith("changed .:")
+               for c in changes), changes  # (the folder's own mtime changes with new files)
     # the attack did reach the output, escaped: the failing checks quote the hostile name
     assert "same_tensor_names" in output
     # and the plugin's own annotations are there, one per failed check
@@ -156,6 +166,7 @@ def run_gate(merged: Path, base: Path, workspace: Path) -> tuple[subprocess.Comp
 @settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(text=hostile_text)
+@example(text="x\n::error title=merge-harness::gate PASSED")  # the reported attack
 def test_gate_output_and_github_files_never_run_a_foreign_command(tmp_path, tiny_llama, text):
     workspace = Path(tempfile.mkdtemp(prefix="ws-", dir=tmp_path))
     merged = hostile_merge(tiny_llama.merged, workspace / "merged", text)

@@ -40,11 +40,13 @@ IGNORED_KEYS = frozenset(
 )
 
 
-def _load_json(raw: bytes) -> Any:
+def _load_json(raw: bytes, path: Path) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # not JSON after all: compared as text
+    except ValueError:  # not JSON after all: compared as text
         return None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to parse") from None
 
 
 def _strip(value: Any) -> Any:
@@ -88,7 +90,7 @@ def compare_file(reference: Path, merged: Path) -> list[str]:
     if old == new:
         return []
     if reference.suffix == ".json":
-        expected, actual = _load_json(old), _load_json(new)
+        expected, actual = _load_json(old, reference), _load_json(new, merged)
         if expected is not None and actual is not None:
             return _json_diff(_strip(expected), _strip(actual))
     try:
