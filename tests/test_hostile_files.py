@@ -242,3 +242,19 @@ def test_hostile_inputs_are_named_not_internal_errors(pytester, tiny_llama, merg
     assert "internal error" not in output and "ran out of resources" not in output, output
     failed = [line for line in result.stdout.lines if line.startswith("FAIL merge::")]
     assert failed and all(str(named) in line for line in failed), failed
+
+
+def test_tokenizer_naming_custom_code_is_not_loaded(pytester, tiny_llama, merge):
+    from harness.evals.tokenizer import build_char_tokenizer
+
+    folder = build_char_tokenizer(pytester.path / "tokenizer", 128)
+    data = json.loads((folder / "tokenizer_config.json").read_text())
+    data["auto_map"] = AUTO_MAP
+    (folder / "tokenizer_config.json").write_text(json.dumps(data))
+    (folder / "tokenization_evil.py").write_text("raise SystemExit('imported')\n")
+    gate = benchmark_config(pytester.path, str(folder))
+    status, text = run(pytester, tiny_llama, merge, "--merge-config", str(gate),
+                       "--merge-checks", "benchmark")
+    assert status == 1
+    assert (f"{folder / 'tokenizer_config.json'}: auto_map asks for custom code; refusing to load"
+            " the tokenizer") in text

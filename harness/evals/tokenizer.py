@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.architectures import INPUT_EMBEDDINGS, find_suffix
 from harness.errors import CheckpointError, HarnessError
+from harness.io.code import custom_code
 from harness.io.files import MAX_JSON_BYTES, check_folder, exists, read_json
 from harness.run.config import BUILTIN_TOKENIZER
 from harness.run.context import Key
@@ -149,14 +150,21 @@ def _ids(path: Path) -> list[int]:
     return found
 
 
-def check_tokenizer(folder: Path, rows: int | None) -> None:
+def check_tokenizer(folder: Path, rows: int | None, trust_remote_code: bool = False) -> None:
     """Refuse a tokenizer folder before a library loads it (see the module docs).
 
-    Every file must be a bounded regular file inside the folder, and no declared token id may
-    reach past the ``rows`` of the model's input embedding: a larger tokenizer makes lm-eval
-    resize the embedding to its length, an allocation the weights never justified.
+    Every file must be a bounded regular file inside the folder, no configuration may name
+    custom code unless allowed, and no declared token id may reach past the ``rows`` of the
+    model's input embedding: a larger tokenizer makes lm-eval resize the embedding to its
+    length, an allocation the weights never justified.
     """
     check_folder(folder)
+    found = custom_code(folder)
+    if found and not trust_remote_code:
+        raise HarnessError(
+            f"{found[0].file}: {' and '.join(found[0].keys)} asks for custom code; refusing to"
+            " load the tokenizer (pass --merge-trust-remote-code to allow)"
+        )
     for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
         path = folder / name
         if not exists(path):
@@ -235,11 +243,11 @@ def resolve(ctx: Context) -> tuple[Path, str]:
             folder = Path(chosen)
             if not has_tokenizer(folder):
                 raise HarnessError(f"tokenizer {folder}: no tokenizer files in this folder")
-            check_tokenizer(folder, embedding_rows(ctx))
+            check_tokenizer(folder, embedding_rows(ctx), options.trust_remote_code)
             return folder, tokenizer_fingerprint(folder)
         for candidate in (options.merged, options.base, options.adapter):
             if candidate is not None and candidate.is_dir() and has_tokenizer(candidate):
-                check_tokenizer(candidate, embedding_rows(ctx))
+                check_tokenizer(candidate, embedding_rows(ctx), options.trust_remote_code)
                 return candidate, tokenizer_fingerprint(candidate)
         raise HarnessError(
             "no tokenizer in the merged, base or adapter folder; set tokenizer = PATH in the gate"
