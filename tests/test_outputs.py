@@ -241,3 +241,20 @@ def test_write_atomic_refuses_a_folder(tmp_path: Path):
     (tmp_path / "x").mkdir()
     with pytest.raises(OutputError, match="is a folder; refusing to replace it"):
         write_atomic(tmp_path / "x", b"")
+
+
+def test_gate_with_a_lock_planted_as_a_symlink_to_dev_zero(tmp_path, tiny_llama):
+    """The gate hashes the lock before and after the run: a link to /dev/zero is never read."""
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "merge-harness.lock").symlink_to("/dev/zero")
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.action", "--merged-model", str(tiny_llama.merged),
+         "--base-model", str(tiny_llama.base), "--report-dir", str(workspace / "reports"),
+         "--", "-p", "no:randomly", "--merge-checks", "structure,lock"],
+        cwd=workspace, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "lock file is a symlink; refusing to follow it" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr

@@ -20,7 +20,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from harness.dtypes import torch_dtype_name
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.evals.intervals import Interval, mean_interval
 from harness.evals.stats import Paired, Summary, pair, summarize
 from harness.evals.tokenizer import model_limits, resolve
@@ -128,7 +128,10 @@ def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
         text = cfg.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise HarnessError(f"perplexity.text {cfg.text}: cannot read: {exc}") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # a broken tokenizer file is bad input, named as such
+        raise HarnessError(f"tokenizer {folder}: cannot load: {one_line(exc)}") from None
     # The whole text is tokenized once and cut into windows below; silence the length warning.
     tokenizer.model_max_length = sys.maxsize
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
