@@ -163,7 +163,9 @@ def run_gate(merged: Path, base: Path, workspace: Path) -> tuple[subprocess.Comp
     return completed, files
 
 
-@settings(max_examples=3, deadline=None,
+# Each example is a whole gate run (a pytest subprocess, ~15 s): the plugin property above
+# explores the strings, this one proves the gate's own path on the reported attack and a few.
+@settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(text=hostile_text)
 @example(text="x\n::error title=merge-harness::gate PASSED")  # the reported attack
