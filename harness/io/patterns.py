@@ -77,13 +77,17 @@ class PatternMatcher:
             self._session = None
             self.spent += time.perf_counter() - started
 
-    def compile(self, pattern: str, what: str) -> re.Pattern[str]:
-        """``pattern`` compiled by ``re``, or :class:`AdapterError` saying why it cannot be."""
-        cached = self._compiled.get(pattern)
+    def compile(self, pattern: str, what: str, template: str = "{}") -> re.Pattern[str]:
+        """``template.format(pattern)`` compiled by ``re``; AdapterError saying why it cannot be.
+
+        The message names ``pattern`` as the config writes it, not the template around it.
+        """
+        full = template.format(pattern)
+        cached = self._compiled.get(full)
         if cached is not None:
             return cached
         try:
-            compiled: re.Pattern[str] = self._bounded(lambda: re.compile(pattern), pattern, what)
+            compiled: re.Pattern[str] = self._bounded(lambda: re.compile(full), pattern, what)
         except re.error as exc:
             raise AdapterError(
                 f"{self.where}: {what} {_shown(pattern)} is not a regex: {exc}"
@@ -98,13 +102,13 @@ class PatternMatcher:
                 f"{self.where}: {what} {_shown(pattern)} has a repeat count of 2**32 - 1 or more,"
                 " more than Python's re allows"
             ) from None
-        self._compiled[pattern] = compiled
+        self._compiled[full] = compiled
         return compiled
 
     def match(self, pattern: str, text: str, what: str, *, template: str = "{}",
               full: bool = False) -> bool:
         """Whether ``template.format(pattern)`` matches ``text`` (``re.match``/``fullmatch``)."""
-        compiled = self.compile(template.format(pattern), what)
+        compiled = self.compile(pattern, what, template)
         method = compiled.fullmatch if full else compiled.match
         found: bool = self._bounded(lambda: method(text) is not None, pattern, what,
                                     compiled=compiled, text=text, full=full)
