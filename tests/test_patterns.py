@@ -72,12 +72,13 @@ def test_off_the_main_thread_the_regex_timeout_bounds_it():
 @pytest.mark.parametrize(
     ("pattern", "message"),
     [
-        ("(" * 5000 + ")" * 5000, "is nested too deeply for Python's re (10000 characters)"),
+        ("(" * 5000 + ")" * 5000, "nests groups 5000 levels deep (at most 100)"),
+        ("(?:" * 101 + "a" + ")" * 101, "nests groups 101 levels deep (at most 100)"),
         ("a{4294967296}", "has a repeat count of 2**32 - 1 or more"),
         ("a{99999999999999999999}", "has a repeat count of 2**32 - 1 or more"),
         ("(unclosed", "is not a regex: missing ), unterminated subpattern"),
     ],
-    ids=["deep", "repeat-2**32", "repeat-huge", "syntax"],
+    ids=["deep", "deep-101", "repeat-2**32", "repeat-huge", "syntax"],
 )
 def test_malformed_patterns_get_a_clear_cause(pattern, message):
     with pytest.raises(AdapterError, match=re.escape(message)) as caught:
@@ -117,6 +118,11 @@ def test_thread_fallback_answers_as_re(pattern, module):
     thread.start()
     thread.join()
     assert out == [expected]
+
+
+def test_a_pattern_at_the_depth_limit_compiles():
+    pattern = "(" * 100 + "q_proj" + ")" * 100
+    assert PatternMatcher("x").compile(pattern, "k").fullmatch("q_proj")
 
 
 def test_module_names_are_every_prefix():

@@ -35,8 +35,32 @@ from harness.text import bounded
 #: Seconds all the pattern matching of one adapter may take (ordinary patterns need microseconds
 #: per module name: a 70B model's thousand names take milliseconds).
 PATTERN_SECONDS = 2.0
+#: Deepest nesting of groups accepted (peft's own patterns nest two or three levels). ``re``
+#: parses groups recursively: far deeper ones exhaust the interpreter's recursion limit.
+MAX_PATTERN_DEPTH = 100
 #: Longest pattern quoted in a message.
 _SHOWN = 80
+
+
+def group_depth(pattern: str) -> int:
+    """How deeply the groups of ``pattern`` nest (escapes and character classes skipped)."""
+    depth = deepest = 0
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _shown(pattern: str) -> str:
@@ -86,6 +110,13 @@ class PatternMatcher:
         cached = self._compiled.get(full)
         if cached is not None:
             return cached
+        depth = group_depth(pattern)
+        if depth > MAX_PATTERN_DEPTH:
+            # refused before re recurses into it (a RecursionError deep in its parser is noisy)
+            raise AdapterError(
+                f"{self.where}: {what} {_shown(pattern)} nests groups {depth} levels deep (at"
+                f" most {MAX_PATTERN_DEPTH})"
+            )
         try:
             compiled: re.Pattern[str] = self._bounded(lambda: re.compile(full), pattern, what)
         except re.error as exc:
