@@ -357,6 +357,17 @@ def every_check() -> list[Any]:
     return suite
 
 
+@section("bad-inputs")
+def bad_inputs_table() -> str:
+    """Every bad-input case of the test suite: what the user sees for it."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support.badinput import render_case_table
+
+    return render_case_table()
+
+
 @section("families")
 def families_table() -> str:
     """One row per family: marker, needs, what it catches, number of checks."""

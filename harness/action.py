@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness.errors import HarnessError
 from harness.gate import github
 from harness.gate.markdown import render_markdown
+from harness.io.files import MAX_JSON_BYTES, read_bounded
 from harness.run.config import DEFAULT_LOCK
 
 #: Report files written into the report folder, by output name.
@@ -324,9 +326,11 @@ def _lock_file(request: GateRequest, report: Mapping[str, Any] | None) -> Path |
 
 def _file_digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        # bounded and regular only: a lock planted as a symlink to /dev/zero is never read
+        data = read_bounded(path, MAX_JSON_BYTES, what="lock file", confined=False)
+    except HarnessError:
         return None
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_report(path: Path) -> dict[str, Any] | None:

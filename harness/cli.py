@@ -28,8 +28,9 @@ from typing import NoReturn
 from harness.errors import HarnessError, one_line
 from harness.gate.report import harness_version
 from harness.io.checkpoint import Checkpoint
-from harness.merger import merge_checkpoint
+from harness.merger import Terminated, merge_checkpoint, sigterm_unwinds
 from harness.stream.hashing import dumps_manifest, hash_checkpoint
+from harness.text import escape_controls
 
 #: Exit status for bad arguments or unusable input (pytest's usage error).
 USAGE_ERROR = 4
@@ -44,6 +45,8 @@ class Parser(argparse.ArgumentParser):
         """Print the usage and the cause, exit with :data:`USAGE_ERROR`."""
         self.print_usage(sys.stderr)
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+#: Exit statuses of ``merge``; on every one but 0 nothing is left at OUT or beside it.
+MERGE_EXIT = {"failed": USAGE_ERROR, "interrupted": 130, "terminated": 143}
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def _hash_run(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps_manifest(manifest))
     else:
-        print(f"{manifest.digest}  {args.path}")
+        print(f"{manifest.digest}  {escape_controls(args.path)}")
     return 0
 
 
@@ -120,22 +123,51 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-pickle", action="store_true",
         help="read pickle base/adapter weights (torch.load with weights_only=True)",
     )
+    parser.epilog = (
+        "exit status: 0 written; 4 not written, with a one-line cause on stderr (bad input, OUT"
+        " exists or another merge into it is running, a write error such as a full disk); 130"
+        " interrupted (Ctrl-C); 143 terminated (SIGTERM). Unless 0, nothing is left at OUT or"
+        " beside it."
+    )
 
 
 def _merge_run(args: argparse.Namespace) -> int:
+    """Merge; every failure is one line on stderr, never a traceback (exit codes: MERGE_EXIT)."""
+
+    def say(text: str) -> None:
+        print(f"merge-harness merge: {one_line(text)}", file=sys.stderr)
+
     size: int | str | None = args.max_shard_size
     if isinstance(size, str) and size.isdigit():
         size = int(size)
-    out = merge_checkpoint(
-        Path(args.base),
-        [Path(a) for a in args.adapters],
-        Path(args.out),
-        max_shard_size=size,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        allow_pickle=args.allow_pickle,
-    )
-    print(out)
+    try:
+        with sigterm_unwinds():
+            out = merge_checkpoint(
+                Path(args.base),
+                [Path(a) for a in args.adapters],
+                Path(args.out),
+                max_shard_size=size,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                allow_pickle=args.allow_pickle,
+                notify=say,
+            )
+    except Terminated:
+        say("terminated (SIGTERM); nothing was written")
+        return MERGE_EXIT["terminated"]
+    except KeyboardInterrupt:
+        say("interrupted; nothing was written")
+        return MERGE_EXIT["interrupted"]
+    except (HarnessError, OSError) as exc:
+        say(str(exc) if isinstance(exc, HarnessError) else f"{exc.strerror or exc}")
+        return MERGE_EXIT["failed"]
+    except MemoryError:
+        say("ran out of memory; nothing was written")
+        return MERGE_EXIT["failed"]
+    except Exception as exc:  # a bug, still one line: the user's inputs are not at fault
+        say(f"internal error: {type(exc).__name__}: {exc}")
+        return MERGE_EXIT["failed"]
+    print(escape_controls(str(out)))
     return 0
 
 

@@ -14,6 +14,7 @@ ITEMSIZE: dict[str, int] = {
     "I8": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E8M0": 1,
     "I16": 2,
     "U16": 2,
     "F16": 2,
@@ -24,6 +25,7 @@ ITEMSIZE: dict[str, int] = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+    "C64": 8,
 }
 
 #: Floating-point dtype codes (finite checks and ULP comparisons apply to these).
@@ -53,6 +55,7 @@ _TORCH_NAMES: dict[str, str] = {
     "I8": "int8",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
     "I16": "int16",
     "U16": "uint16",
     "F16": "float16",
@@ -63,6 +66,7 @@ _TORCH_NAMES: dict[str, str] = {
     "I64": "int64",
     "U64": "uint64",
     "F64": "float64",
+    "C64": "complex64",
 }
 
 

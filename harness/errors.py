@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import re
 
+from harness.text import bounded, escape_controls, inert
+
+__all__ = [
+    "MAX_CAUSE",
+    "AdapterError",
+    "CheckpointError",
+    "ConfigError",
+    "HarnessError",
+    "MergeError",
+    "OutputError",
+    "UnsupportedAdapterError",
+    "bounded",
+    "one_line",
+]
+
 #: Longest one-line cause a check reports; longer text is cut and its size stated.
 MAX_CAUSE = 1000
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -37,15 +52,12 @@ class MergeError(HarnessError):
     """A merge cannot be done as asked (existing output, output inside an input, bad size...)."""
 
 
+class OutputError(HarnessError):
+    """An output file (lock, report, summary, merge) cannot be written: a symlink, a full disk."""
+
+
 class ExportError(HarnessError):
     """An exported file (GGUF) cannot be read, or is not an export of the merged model."""
-
-
-def bounded(text: str, limit: int = MAX_CAUSE) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def one_line(error: BaseException | str, *, whole: bool = False, limit: int = MAX_CAUSE) -> str:
@@ -53,10 +65,11 @@ def one_line(error: BaseException | str, *, whole: bool = False, limit: int = MA
 
     By default the first non-empty line (the harness's own messages put the cause there). With
     ``whole``, every line joined by `` / ``: libraries such as torch and transformers often put
-    the real cause after a generic first line.
+    the real cause after a generic first line. Whatever the error quotes from an input is
+    escaped (:mod:`harness.text`): no control character, no workflow command.
     """
     text = error if isinstance(error, str) else str(error)
     lines = [ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
     if not lines:
         return "" if isinstance(error, str) else type(error).__name__
-    return bounded(" / ".join(lines) if whole else lines[0], limit)
+    return inert(escape_controls(bounded(" / ".join(lines) if whole else lines[0], limit)))

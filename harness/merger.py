@@ -8,7 +8,9 @@ writes overlap and only a few tensors are held at a time.
 
 The output keeps the base's tensor set, dtypes and shard plan (or re-shards to
 ``max_shard_size``), copies ``config.json``, ``generation_config.json``, tokenizer files and custom
-code, and is written into a temporary folder beside ``out`` that is renamed into place at the end.
+code (each read as a bounded regular file inside its folder), and is written into a marked
+staging folder beside ``out``, under an exclusive lock on ``out``, that is renamed into place at
+the end (:mod:`harness.io.staging`: two merges into one output, SIGKILL debris, a full disk).
 A base that ties its output head to the input embedding is untied (``tie_word_embeddings=false``
 and a separate ``lm_head.weight``) when the adapter changes one side of the tie and not the other
 — exactly what the unmerged adapter model computes, which peft's merge does for
@@ -18,11 +20,12 @@ the changed shared tensor for both, see peft issue 2777).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,9 @@ from harness.deltas.growth import needed_rows
 from harness.errors import MergeError
 from harness.io.adapter import Adapter
 from harness.io.checkpoint import INDEX_FILE, Checkpoint
+from harness.io.files import MAX_JSON_BYTES, exists, read_bounded
 from harness.io.safetensors import TensorInfo, tensor_from_bytes
+from harness.io.staging import exclusive, partial, publish, remove_stale, staging, write_file
 from harness.stream.pipeline import StreamPass
 from harness.stream.writer import Entry, Writer, as_bytes, parse_size, plan_shards
 
@@ -55,6 +60,8 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+#: Largest side file copied (tokenizer.json files of large vocabularies are tens of MB).
+MAX_SIDE_FILE = MAX_JSON_BYTES
 #: Side files an adapter folder may carry that supersede the base's (a retrained tokenizer).
 ADAPTER_OVERRIDES = frozenset(SIDE_FILES) - {"generation_config.json"}
 
@@ -95,17 +102,39 @@ def _copy_side_files(base: Path, adapters: Sequence[Path], tmp: Path, config: di
         merged_config = dict(config)
         if untie:
             merged_config["tie_word_embeddings"] = False
-        (tmp / "config.json").write_text(json.dumps(merged_config, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(merged_config, indent=2, sort_keys=True) + "\n"
+        write_file(partial(tmp, "config.json"), text.encode())
     for name in SIDE_FILES:
         source = base / name
         for adapter in adapters:
-            if name in ADAPTER_OVERRIDES and (adapter / name).is_file():
+            if name in ADAPTER_OVERRIDES and exists(adapter / name):
                 source = adapter / name
-        if source.is_file():
-            shutil.copyfile(source, tmp / name)
+        if exists(source):
+            # a symlink out of its folder (to a secret of the machine) is refused, never copied
+            write_file(partial(tmp, name), read_bounded(source, MAX_SIDE_FILE, what="side file"))
     for code in sorted(base.glob("*.py")):
-        if code.is_file():
-            shutil.copyfile(code, tmp / code.name)
+        write_file(partial(tmp, code.name), read_bounded(code, MAX_SIDE_FILE, what="code file"))
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised like ``KeyboardInterrupt`` so that the merge cleans up."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (main thread only; else a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def merge_checkpoint(
@@ -118,12 +147,15 @@ def merge_checkpoint(
     progress: bool = True,
     workers: int | None = None,
     allow_pickle: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
     """Merge ``adapter`` (or several, in sequence) into ``base`` and write the result to ``out``.
 
     Returns ``out``. Raises a :class:`~harness.errors.HarnessError` with a one-line cause for an
     unreadable input, an adapter type the registry does not know, an existing ``out`` (unless
-    ``overwrite``), or an ``out`` inside an input folder. Nothing is left behind on failure.
+    ``overwrite``), an ``out`` inside an input folder, another merge into ``out`` running, or a
+    write error (a full disk). Nothing is left behind on failure or interruption; the debris
+    of an earlier merge killed outright is removed, and ``notify`` is told.
     """
     base_path = Path(base)
     adapter_paths = (
@@ -154,12 +186,27 @@ def merge_checkpoint(
     shards = plan_shards(checkpoint, extra, limit)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".merging", dir=out_path.parent)
-    )
-    # mkdtemp makes a private 0700 folder; the published merge gets what save_pretrained's
-    # os.makedirs would give it: the user's umask.
-    tmp.chmod(0o777 & ~current_umask())
+    try:
+        with exclusive(out_path):
+            for folder in remove_stale(out_path):
+                if notify is not None:
+                    notify(f"removed {folder}, left by an interrupted merge")
+            existed = out_path.exists() or out_path.is_symlink()
+            if existed and not overwrite:
+                raise MergeError(f"{out_path}: already exists (pass --overwrite to replace it)")
+            with staging(out_path) as tmp:
+                _write(tmp, checkpoint, plan, extra, shards, workers, progress, base_path,
+                       adapter_paths, untie)
+                publish(tmp, out_path, overwrite=overwrite, existed=existed)
+    except OSError as exc:
+        raise MergeError(f"{out_path}: cannot write the merge: {exc.strerror or exc}") from None
+    return out_path
+
+
+def _write(tmp: Path, checkpoint: Checkpoint, plan: Plan, extra: dict[str, Entry],
+           shards: list[Any], workers: int | None, progress: bool, base_path: Path,
+           adapter_paths: list[Path], untie: bool) -> None:
+    """Stream the merged tensors, the index and the side files into the staging folder."""
     largest = max((i.nbytes for i in checkpoint.tensors.values()), default=0)
     stream = StreamPass(largest, headroom=2.0, pool_share=0.5, workers=workers)
     pool = stream.pool
@@ -167,54 +214,50 @@ def merge_checkpoint(
     def read(info: TensorInfo) -> tuple[TensorInfo, bytearray]:
         return info, checkpoint.read_into(info.name, pool)
 
-    try:
-        writer = Writer(tmp, shards, stream.budget, pool)
-        total = sum(s.nbytes for s in shards)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
-        def process(item: tuple[TensorInfo, bytearray]) -> list[memoryview | bytearray]:
-            info, data = item
-            # an untied head starts from the base embedding: copy it before edits change it
-            original = None
-            if info.name in extra:
-                original = pool.get(len(data))
-                original[:] = data
-            outputs = [_apply(plan.for_tensor(info.name), info, data)]
-            if original is not None:
-                outputs.append(_apply(plan.for_tensor(extra[info.name].name), info, original))
-            for edit in plan.for_tensor(info.name):
-                edit.release()
-            return outputs
+    writer = Writer(tmp, shards, stream.budget, pool)
+    total = sum(s.nbytes for s in shards)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
 
-        try:
-            for outputs in stream.run(
-                checkpoint.in_file_order(),
-                read,
-                process,
-                lambda info: info.nbytes * (2 if info.name in extra else 1),
-            ):
-                for output in outputs:
-                    writer.put(output)
-                    bar.update(len(output))
-        except BaseException:
-            writer.slots.put(None)
-            writer.thread.join()
-            raise
-        finally:
-            bar.close()
-        writer.finish()
-        plan.release()
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {e.name: s.name for s in shards for e in s.entries},
-            }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(base_path, adapter_paths, tmp, checkpoint.config, untie)
-        _publish(tmp, out_path)
+    def process(item: tuple[TensorInfo, bytearray]) -> list[memoryview | bytearray]:
+        info, data = item
+        # an untied head starts from the base embedding: copy it before edits change it
+        original = None
+        if info.name in extra:
+            original = pool.get(len(data))
+            original[:] = data
+        outputs = [_apply(plan.for_tensor(info.name), info, data)]
+        if original is not None:
+            outputs.append(_apply(plan.for_tensor(extra[info.name].name), info, original))
+        for edit in plan.for_tensor(info.name):
+            edit.release()
+        return outputs
+
+    try:
+        for outputs in stream.run(
+            checkpoint.in_file_order(),
+            read,
+            process,
+            lambda info: info.nbytes * (2 if info.name in extra else 1),
+        ):
+            for output in outputs:
+                writer.put(output)
+                bar.update(len(output))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.slots.put(None)
+        writer.thread.join()
         raise
-    return out_path
+    finally:
+        bar.close()
+    writer.finish()
+    plan.release()
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {e.name: s.name for s in shards for e in s.entries},
+        }
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        write_file(partial(tmp, INDEX_FILE), text.encode())
+    _copy_side_files(base_path, adapter_paths, tmp, checkpoint.config, untie)
 
 
 def _apply(edits: list[Any], info: TensorInfo, data: bytearray) -> memoryview | bytearray:
@@ -227,27 +270,3 @@ def _apply(edits: list[Any], info: TensorInfo, data: bytearray) -> memoryview | 
     if tensor.data_ptr() == tensor_from_bytes(info, data).data_ptr() and tensor.is_contiguous():
         return data
     return as_bytes(tensor)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing ``out`` is replaced only at the end."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` sets while it reads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -190,9 +190,9 @@ def test_keyboard_interrupt_still_interrupts(timeout):
     ("error", "message"),
     [
         (ValueError("boom\nsecond line"),
-         "internal error in merge::structure::probe: ValueError: boom"),
+         "internal error in merge::structure::probe: ValueError: boom (checking no input)"),
         (SystemExit(3), "internal error in merge::structure::probe: SystemExit(3)"),
-        (MemoryError(), "ran out of resources: MemoryError"),
+        (MemoryError(), "ran out of resources: MemoryError while checking no input"),
         (CheckpointError("x.safetensors: bad\nmore"), "x.safetensors: bad"),
     ],
 )

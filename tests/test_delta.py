@@ -19,8 +19,9 @@ from harness.deltas.apply import reference_tensor
 from harness.deltas.lora import fan_in_fan_out
 from harness.deltas.lowrank import LoraScale
 from harness.errors import AdapterError, UnsupportedAdapterError
-from harness.io.adapter import Adapter, parse_layout, pattern_key, validate_config
+from harness.io.adapter import Adapter, parse_layout, validate_config
 from harness.io.checkpoint import Checkpoint
+from harness.io.patterns import pattern_key
 from harness.io.safetensors import TensorInfo
 from harness.ulp import compute_dtype
 

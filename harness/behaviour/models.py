@@ -25,7 +25,14 @@ from harness.dtypes import ITEMSIZE, MANTISSA_BITS, to_torch
 from harness.errors import HarnessError
 from harness.evals.tokenizer import TOKENIZER_FILES
 from harness.extras import install_hint
-from harness.io.models import load_peft, load_pretrained, quiet, read_config, task_of
+from harness.io.models import (
+    load_peft,
+    load_pretrained,
+    quiet,
+    read_config,
+    refuse_remote_code,
+    task_of,
+)
 from harness.memory import shortfall
 from harness.run.context import Context, Key
 from harness.run.settings import Settings
@@ -194,6 +201,10 @@ def load_tokenizer(settings: Settings) -> Any:
     """The merged folder's tokenizer, loaded offline, or None when it has none that loads."""
     folder = settings.merged
     if folder is None or not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    try:
+        refuse_remote_code(folder, settings.trust_remote_code)
+    except HarnessError:  # the structure and security checks report why
         return None
     try:
         from transformers import AutoTokenizer

@@ -19,6 +19,7 @@ from harness.run.config import DEFAULT_LOCK
 from harness.run.context import Context, Key
 from harness.run.result import CheckResult, Family, LockEvidence, Outcome
 from harness.run.settings import Settings
+from harness.text import shown
 
 #: Changed tensor names kept in a result (the message shows a few, the metrics up to this many).
 MAX_LISTED = 50
@@ -75,7 +76,7 @@ def lock_state(ctx: Context) -> LockState:
 
     def compute() -> LockState:
         path = lock_path(ctx.settings)
-        recorded = read_lock(path)
+        recorded = read_lock(path, named=ctx.settings.lock_named)
         current = current_digests(ctx)
         if recorded is None:
             return LockState(path, LockStatus.ABSENT, current)
@@ -118,8 +119,8 @@ def _short(digest: str | None) -> str:
 
 
 def _names(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    quoted = ", ".join(shown(n) for n in names[:limit])
+    return quoted + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_lock(ctx: Context) -> CheckResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from harness.checks.sizes import justified_sizes
 from harness.checks.split import shared_pass, uses_oracle
 from harness.deltas import Target, plan_adapters
 from harness.deltas.growth import Growths, explain_growth
@@ -51,6 +52,7 @@ def oracle(ctx: Context) -> OracleResult:
             if found is None:
                 raise HarnessError("the shared pass did not run the oracle")
             return found
+        justified_sizes(ctx)
         result, merged_scan, base_scan = run_oracle(
             ctx.merged(), ctx.base(), [ctx.adapter()], ctx.settings.ulp_tolerance
         )
@@ -79,7 +81,12 @@ def merged_scan(ctx: Context) -> ScanResult:
     if ctx.settings.share is not None:
         return ctx.memo(MERGED_SCAN, lambda: _shared(ctx).merged)
     _share_oracle_pass(ctx)
-    return ctx.memo(MERGED_SCAN, lambda: scan_checkpoint(ctx.merged()))
+
+    def scan() -> ScanResult:
+        justified_sizes(ctx)
+        return scan_checkpoint(ctx.merged())
+
+    return ctx.memo(MERGED_SCAN, scan)
 
 
 def base_scan(ctx: Context) -> ScanResult:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from harness.checks.sizes import justified_sizes
 from harness.errors import HarnessError
 from harness.io.checkpoint import Checkpoint
 from harness.io.safetensors import SafetensorsFile
@@ -151,6 +152,7 @@ class Divided:
 
     def __init__(self, ctx: Context, count: int, threads: int | None) -> None:
         self.ctx = ctx
+        justified_sizes(ctx)
         self.oracle: OraclePass | None = None
         if uses_oracle(ctx):
             settings = ctx.settings

@@ -21,6 +21,7 @@ from harness.architectures import (
     find_suffix,
 )
 from harness.checks.passes import growth, merged_scan
+from harness.checks.sizes import justified_sizes
 from harness.deltas.layouts import StoredLayout
 from harness.io.checkpoint import Checkpoint
 from harness.io.configs import compare_configs
@@ -28,6 +29,7 @@ from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family
 from harness.run.settings import Settings
+from harness.text import shown
 
 
 def _human(n: int) -> str:
@@ -40,8 +42,8 @@ def _human(n: int) -> str:
 
 
 def _first(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    quoted = ", ".join(shown(n) for n in names[:limit])
+    return quoted + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---- merged alone ----------------------------------------------------------------------
@@ -335,6 +337,7 @@ def check_tied_embeddings(ctx: Context) -> CheckResult:
     if tied:
         if out is None:
             return CheckResult.passed(f"tied: only {inp!r} stored, shared as the output head")
+        justified_sizes(ctx)
         same = merged.read_bytes(inp) == merged.read_bytes(out)
         if not same:
             return CheckResult.failed(

@@ -19,6 +19,7 @@ from harness.deltas.lycoris import LohaType, LokrType
 from harness.deltas.tokens import Copy, TokenRows, TokensType, copies
 from harness.errors import UnsupportedAdapterError
 from harness.io.adapter import validate_config
+from harness.io.patterns import module_names, screen
 
 if TYPE_CHECKING:
     from harness.io.adapter import Adapter
@@ -88,6 +89,10 @@ def plan_adapter(adapter: Adapter, index: int, target: Target) -> list[Edit]:
             f" {', '.join(sorted(REGISTRY))})"
         )
     validate_config(adapter)
+    # peft's own regex matches, replayed within a time budget: a catastrophic pattern is refused
+    # here instead of hanging the planning below (or peft, in the behaviour checks)
+    names = module_names([*target.tensors, *(m + ".x" for m in adapter.layout.modules)])
+    screen(adapter.config, names, adapter.patterns)
     edits = copies(adapter, index, target) + entry.plan(adapter, index, target)
     for edit in edits:
         edit.check()

@@ -93,7 +93,7 @@ class LoraType:
     def _module(
         self, adapter: Adapter, index: int, target: Target, module: str, roles: dict[str, str]
     ) -> list[Edit]:
-        scale = LoraScale(adapter.config, module)
+        scale = LoraScale(adapter.config, module, matcher=adapter.patterns)
         edits: list[Edit] = []
         if "lora_A" in roles or "lora_B" in roles:
             if "lora_A" not in roles or "lora_B" not in roles:
@@ -111,6 +111,12 @@ class LoraType:
             if "lora_magnitude_vector" in roles or "lora_B.bias" in roles:
                 raise AdapterError(f"adapter module {module!r}: DoRA/bias tensors without lora_A")
             return edits
+        if adapter.config.get("use_dora") and "lora_magnitude_vector" not in roles:
+            raise AdapterError(
+                f"adapter module {module!r}: use_dora is set but the adapter holds no"
+                " lora_magnitude_vector for it (a DoRA adapter without its magnitudes is broken;"
+                " peft would renormalise to untrained magnitudes)"
+            )
         a_info, b_info = adapter.tensors[a_key], adapter.tensors[b_key]
         if len(a_info.shape) != 2 or len(b_info.shape) != 2:
             raise UnsupportedAdapterError(

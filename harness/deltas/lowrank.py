@@ -29,7 +29,7 @@ from harness.deltas.base import (
 )
 from harness.dtypes import torch_dtype_name
 from harness.errors import AdapterError
-from harness.io.adapter import pattern_key
+from harness.io.patterns import PatternMatcher, pattern_key
 from harness.stream.pipeline import workspace
 from harness.ulp import U32, compute_dtype, compute_roundoff, gamma, ulp
 
@@ -65,14 +65,19 @@ class LoraScale:
     """The rank, alpha and scale peft uses for one module, and where they came from."""
 
     def __init__(
-        self, config: dict[str, Any], module: str, *, alpha_key: str = "lora_alpha"
+        self,
+        config: dict[str, Any],
+        module: str,
+        *,
+        alpha_key: str = "lora_alpha",
+        matcher: PatternMatcher | None = None,
     ) -> None:
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
         self.default_r = int(config.get("r", 8))
         self.default_alpha = float(config.get(alpha_key, 8))
-        self.r_key = pattern_key(rank_pattern, module)
-        self.alpha_key = pattern_key(alpha_pattern, module)
+        self.r_key = pattern_key(rank_pattern, module, matcher, "rank_pattern key")
+        self.alpha_key = pattern_key(alpha_pattern, module, matcher, "alpha_pattern key")
         self.r = int(rank_pattern[self.r_key]) if self.r_key is not None else self.default_r
         self.alpha = (
             float(alpha_pattern[self.alpha_key])

@@ -177,7 +177,8 @@ class _LycorisType:
                     f" ({module!r}) is not verifiable by merge-harness"
                 )
             edit = self.edit(adapter, module, tensor, base, info, index, roles=roles,
-                             scale=LoraScale(adapter.config, module, alpha_key="alpha"))
+                             scale=LoraScale(adapter.config, module, alpha_key="alpha",
+                                             matcher=adapter.patterns))
             self._check_shape(edit, info.shape)
             edits.append(edit)
         return edits

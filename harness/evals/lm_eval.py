@@ -39,6 +39,7 @@ from harness.evals.stats import (
 )
 from harness.evals.tokenizer import resolve, scratch_dir
 from harness.extras import install_hint
+from harness.io.models import refuse_hostile_patterns, refuse_remote_code
 from harness.offline import enforce_offline
 from harness.run.config import BenchmarkConfig, Threshold
 from harness.run.context import Context, Key
@@ -238,6 +239,11 @@ def model_args(ctx: Context, model: str, tokenizer: Path) -> dict[str, Any]:
                 " (and --base-model)"
             )
         args = {"pretrained": str(options.base), "peft": str(options.adapter)}
+    for key in ("pretrained", "peft"):
+        if key in args:  # lm-eval hands these to transformers and peft unguarded
+            refuse_remote_code(Path(args[key]), options.trust_remote_code)
+    if "peft" in args:
+        refuse_hostile_patterns(Path(args["peft"]), Path(args["pretrained"]))
     args.update(
         tokenizer=str(tokenizer),
         dtype=torch_dtype_name(options.dtype),

@@ -20,10 +20,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from harness.dtypes import torch_dtype_name
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.evals.intervals import Interval, mean_interval
 from harness.evals.stats import Paired, Summary, pair, summarize
 from harness.evals.tokenizer import model_limits, resolve
+from harness.io.models import refuse_hostile_patterns, refuse_remote_code
 from harness.offline import enforce_offline
 from harness.run.context import Context
 from harness.run.result import Outcome
@@ -57,6 +58,13 @@ def _load(ctx: Context, model: str) -> Any:
     name = torch_dtype_name(options.dtype)
     dtype: Any = "auto" if name == "auto" else getattr(torch, name)
     kwargs = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    # the folders go to transformers and peft unguarded: check them as the harness reads files
+    for folder in (options.merged if model == "merged" else options.base,
+                   options.adapter if model == "adapter" else None):
+        if folder is not None:
+            refuse_remote_code(folder, options.trust_remote_code)
+    if model == "adapter" and options.adapter is not None and options.base is not None:
+        refuse_hostile_patterns(options.adapter, options.base)
     loaded: Any
     if model == "merged":
         assert options.merged is not None
@@ -120,7 +128,10 @@ def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
         text = cfg.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise HarnessError(f"perplexity.text {cfg.text}: cannot read: {exc}") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # a broken tokenizer file is bad input, named as such
+        raise HarnessError(f"tokenizer {folder}: cannot load: {one_line(exc)}") from None
     # The whole text is tokenized once and cut into windows below; silence the length warning.
     tokenizer.model_max_length = sys.maxsize
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 from harness.extras import install_hint
 from harness.gate import github
 from harness.gate.decide import Verdict, decide, decide_part
@@ -19,8 +19,10 @@ from harness.gate.lockfile import CHECK_ID, build_lock, read_lock, write_lock
 from harness.gate.markdown import render_markdown
 from harness.gate.plot import layer_rows, plot_layers
 from harness.gate.report import build_report, dumps_report, harness_version, library_versions
+from harness.io.output import write_text_atomic
 from harness.run.result import Outcome
 from harness.run.state import State
+from harness.text import safe_line
 
 #: pytest's status for a run that collected nothing (``ExitCode.NO_TESTS_COLLECTED``).
 NO_TESTS = 5
@@ -52,7 +54,8 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
     lines = state.gate_lines
     status: int | None = None
     if verdict.reused:
-        lines.append(
+        _say(
+            lines,
             f"benchmark: {len(verdict.reused)} result(s) reused from the lock file (digests"
             " unchanged: evaluation skipped)"
         )
@@ -90,18 +93,18 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         if path is None:
             continue
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if text is None:
-                text = dumps_report(report)
-            path.write_text(text, encoding="utf-8")
-            lines.append(f"{label}: wrote {path}")
-        except OSError as exc:
-            lines.append(f"{label}: cannot write {path}: {exc.strerror or exc}")
+            write_text_atomic(path, dumps_report(report) if text is None else text)
+            _say(lines, f"{label}: wrote {path}")
+        except HarnessError as exc:
+            _say(lines, f"{label}: {one_line(exc)}")
             status = 1
-    lines.extend(f"  {reason}" for reason in verdict.reasons if " not verified: " in reason)
+    for reason in verdict.reasons:
+        if " not verified: " in reason:
+            _say(lines, f"  {reason}")
     if verdict.unverified and verdict.partial:
         lines.append(f"partial gate: {len(verdict.unverified)} check(s) not verified:")
-        lines.extend(f"  {line}" for line in verdict.unverified)
+        for line in verdict.unverified:
+            _say(lines, f"  {line}")
     if verdict.missing and verdict.ran:
         lines.append(f"{len(verdict.missing)} check(s) deselected or not run")
     if not verdict.ran and state.other_tests:
@@ -112,6 +115,11 @@ def apply_gate(state: State, exitstatus: int) -> int | None:
         lines.append(verdict.headline())
     final = _final_status(exitstatus, verdict, status, state.other_tests)
     return None if final == exitstatus else final
+
+
+def _say(lines: list[str], text: str) -> None:
+    """Add one line to the gate's summary, escaped: it may quote paths and input values."""
+    lines.append(safe_line(text))
 
 
 def _final_status(exitstatus: int, verdict: Verdict, status: int | None, others: int) -> int:
@@ -146,13 +154,15 @@ def _lock_transition(
         info["changed"] = list(evidence.changed)
     if not settings.update_lock:
         if result is not None and info["status"] == "absent":
-            lines.append(
+            _say(
+            lines,
                 f"lock: no lock file at {path}; run with --update-merge-lock to record one"
             )
         elif result is not None and info["status"] == "match":
             stale = _stale(state)
             if stale:
-                lines.append(
+                _say(
+            lines,
                     f"lock: {len(stale)} benchmark result(s) were evaluated afresh (task or"
                     " settings changed); --update-merge-lock records them"
                 )
@@ -172,24 +182,24 @@ def _lock_transition(
     elif exitstatus not in _COMPLETED:
         why_not = f"the run did not complete (exit status {exitstatus})"
     if why_not is not None:
-        lines.append(f"lock: NOT updated ({why_not}): {path}")
+        _say(lines, f"lock: NOT updated ({why_not}): {path}")
         info["reason"] = why_not
         return info
     assert path is not None
     new = build_lock(state.results, library_versions(), harness_version())
     if new is None:
-        lines.append(f"lock: NOT updated (no digests recorded): {path}")
+        _say(lines, f"lock: NOT updated (no digests recorded): {path}")
         info["reason"] = "no digests recorded"
         return info
     try:
-        old = read_lock(path)
+        old = read_lock(path, named=settings.lock_named)
     except HarnessError:
         old = None
     try:
-        write_lock(path, new)
-    except OSError as exc:
-        lines.append(f"lock: cannot write {path}: {exc.strerror or exc}")
-        info["error"] = str(exc)
+        write_lock(path, new, named=settings.lock_named)
+    except HarnessError as exc:
+        _say(lines, f"lock: {one_line(exc)}")
+        info["error"] = one_line(exc)
         return info
     info["updated"] = True
     action = (
@@ -198,7 +208,8 @@ def _lock_transition(
         else ("unchanged" if old.to_json() == new.to_json() else "updated")
     )
     info["action"] = action
-    lines.append(
+    _say(
+            lines,
         f"lock: {action} {path} ({len(new.benchmarks)} benchmark result(s), merged"
         f" {new.digests.get('merged', '')[:12]})"
     )
@@ -219,20 +230,18 @@ def _write_plot(state: State, target: Path, *, explicit: bool, lines: list[str])
     rows = layer_rows(state.results.values())
     if not rows:
         if explicit:
-            lines.append("plot: no per-layer weight figures in this run (weights checks off?)")
+            _say(lines, "plot: no per-layer weight figures in this run (weights checks off?)")
         return None
     try:
         written = plot_layers(rows, target, title=_plot_title(state))
     except ImportError:
         if explicit:
-            lines.append(
-                f"plot: matplotlib is not installed ({install_hint('plot')})"
-            )
+            _say(lines, f"plot: matplotlib is not installed ({install_hint('plot')})")
         return None
-    except OSError as exc:
-        lines.append(f"plot: cannot write {target}: {exc.strerror or exc}")
+    except HarnessError as exc:
+        _say(lines, f"plot: {one_line(exc)}")
         return None
-    lines.append(f"plot: wrote {written}")
+    _say(lines, f"plot: wrote {written}")
     return written
 
 

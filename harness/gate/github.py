@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness.text import escape_controls, safe_text
+
 #: Annotation levels GitHub understands, by name of the workflow command.
 LEVELS = ("error", "warning", "notice")
 
@@ -43,7 +45,12 @@ def in_actions(env: Mapping[str, str] | None = None) -> bool:
 
 
 def escape_data(text: str) -> str:
-    """Escape an annotation message: ``%``, CR and LF (``%`` first, so nothing is escaped twice)."""
+    r"""Escape an annotation message: ``%``, CR and LF (``%`` first, so nothing is escaped twice).
+
+    Other control characters and lone surrogates become ``\x``/``\u`` escapes first
+    (:func:`harness.text.escape_controls`): they could not be written to a UTF-8 stdout.
+    """
+    text = escape_controls(text, keep="\r\n")
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
@@ -144,7 +151,8 @@ def append_summary(markdown: str, env: Mapping[str, str] | None = None) -> Path 
     """Append ``markdown`` to ``$GITHUB_STEP_SUMMARY``; return the file, or None outside Actions.
 
     Text past GitHub's 1 MiB limit is cut at a line boundary and a note says so, because GitHub
-    would otherwise drop the whole summary of the step.
+    would otherwise drop the whole summary of the step. Every line is escaped and inert
+    (:func:`harness.text.safe_text`): the summary quotes what the checks found in the inputs.
     """
     environ = os.environ if env is None else env
     target = environ.get("GITHUB_STEP_SUMMARY", "")
@@ -152,7 +160,7 @@ def append_summary(markdown: str, env: Mapping[str, str] | None = None) -> Path 
         return None
     path = Path(target)
     existing = path.stat().st_size if path.exists() else 0
-    text = markdown if markdown.endswith("\n") else markdown + "\n"
+    text = safe_text(markdown.rstrip("\n")) + "\n"
     room = SUMMARY_LIMIT - existing - 256
     data = text.encode("utf-8")
     if len(data) > room:
@@ -191,7 +199,9 @@ def write_outputs(
     if not in_actions(environ) or not target:
         return None
     path = Path(target)
-    with path.open("a", encoding="utf-8") as handle:
+    # a value is written as it is (a heredoc holds any text); a lone surrogate (from a file name
+    # that is not UTF-8) is written as its escape rather than failing to encode
+    with path.open("a", encoding="utf-8", errors="backslashreplace") as handle:
         for name, value in outputs.items():
             handle.write(format_output(name, value))
     return path

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError
+from harness.errors import CheckpointError, ConfigError, one_line
+from harness.io.files import MAX_JSON_BYTES, check_regular_file, exists
+from harness.io.output import write_text_atomic
 from harness.run.config import read_toml
 from harness.run.result import CheckResult
 
@@ -119,20 +121,34 @@ def is_toml(path: Path) -> bool:
     return path.suffix.lower() == ".toml"
 
 
-def read_lock(path: Path) -> Lock | None:
-    """The lock at ``path``, or None when there is none; ConfigError when it is malformed."""
-    if not path.exists():
+def read_lock(path: Path, *, named: bool = False) -> Lock | None:
+    """The lock at ``path``, or None when there is none; ConfigError when it is malformed.
+
+    A lock path that is a symlink is refused unless the user ``named`` it (``--merge-lock``):
+    a symlink planted in a pull request would otherwise have the gate read, and quote, any
+    file of the runner. The file is bounded like every JSON input.
+    """
+    if not exists(path):
         return None
-    if not path.is_file():
-        raise ConfigError(f"{path}: lock file is not a regular file")
+    if path.is_symlink() and not named:
+        raise ConfigError(
+            f"{path}: lock file is a symlink; refusing to follow it (name it with --merge-lock"
+            " to use it)"
+        )
+    try:
+        size = check_regular_file(path, confined=False)
+    except CheckpointError as exc:
+        raise ConfigError(f"{path}: lock file is not a regular file ({one_line(exc)})") from None
+    if size > MAX_JSON_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is too large for a lock file")
     if is_toml(path):
         return Lock.from_json(read_toml(path), path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError too
-        raise ConfigError(f"{path}: bad JSON lock file: {exc}") from None
+        raise ConfigError(f"{path}: bad JSON lock file: {one_line(exc)}") from None
     return Lock.from_json(data, path)
 
 
@@ -144,20 +160,33 @@ def dumps(lock: Lock, *, toml: bool = False) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=True) + "\n"
 
 
-def write_lock(path: Path, lock: Lock) -> None:
-    """Write ``lock`` to ``path`` atomically (a temporary file renamed over it)."""
+def write_lock(path: Path, lock: Lock, *, named: bool = False) -> Path:
+    """Write ``lock`` to ``path`` atomically; return the file written.
+
+    Through :func:`harness.io.output.write_atomic`: an exclusive temporary file with a random
+    name beside the lock, synced, renamed over it. A symlink at ``path`` is refused unless the
+    user ``named`` the path; then the link's target is replaced. Raises a HarnessError.
+    """
     text = dumps(lock, toml=is_toml(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    return write_text_atomic(path, text, follow_symlink=named)
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _unicode(text: str) -> str:
+    """``text`` itself, or ConfigError: TOML cannot hold a lone surrogate (JSON can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"cannot write {text!r} to a TOML lock file: not valid Unicode (use a JSON lock)"
+        ) from None
+    return text
+
+
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(_unicode(key), ensure_ascii=False)
 
 
 def _toml_value(value: Any) -> str:
@@ -173,7 +202,7 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         # JSON string escapes (\", \\, \n, \u00XX) are valid TOML basic-string escapes.
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(_unicode(value), ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
     if isinstance(value, Mapping):

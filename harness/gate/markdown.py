@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from harness.gate.report import NOT_RUN
+from harness.text import safe_text
 
 _EMOJI = {
     "passed": "✅",
@@ -170,4 +171,5 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if plot:
         out.append(f"Per-layer weight-difference plot: `{_cell(plot)}`")
         out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    # one place for the whole page: whatever a check quoted from an input is escaped and inert
+    return safe_text("\n".join(out).rstrip()) + "\n"

@@ -13,12 +13,14 @@ and only when a plot is asked for, with the non-interactive Agg canvas (no displ
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.io.output import write_atomic
 from harness.run.result import CheckResult
 
 ROW_KEYS = ("tensor", "expected_norm", "found_norm", "ratio")
@@ -54,7 +56,8 @@ def _number(value: Any) -> float:
 def plot_layers(rows: list[dict[str, Any]], path: Path, *, title: str = "weight deltas") -> Path:
     """Draw expected vs found delta norms (top) and their ratio (bottom) per tensor; save a PNG.
 
-    Raises ImportError when matplotlib is not installed.
+    Raises ImportError when matplotlib is not installed, OutputError when the file cannot be
+    written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -92,6 +95,7 @@ def plot_layers(rows: list[dict[str, Any]], path: Path, *, title: str = "weight 
     bottom.set_xticks(x)
     bottom.set_xticklabels(labels, rotation=90, fontsize=7 if len(rows) > 40 else 8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    # like every output: a temporary file beside it, synced, renamed; never through a symlink
+    return write_atomic(path, image.getvalue())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.run.check import Check
 from harness.run.result import CheckResult, Outcome
+from harness.text import safe_line
 
 if TYPE_CHECKING:
     from harness.gate.decide import Verdict
@@ -42,6 +43,8 @@ LIBRARIES = (
     "pytest",
     "hypothesis",
 )
+#: Longest line of the terminal summary (a check's message is bounded before it gets there).
+LINE = 2000
 #: Outcome of a check that is part of the suite but produced no result (deselected).
 NOT_RUN = "not_run"
 #: The mark each outcome gets in the terminal summary.
@@ -64,7 +67,9 @@ def summary_lines(
         result = results.get(check.id)
         if result is None:
             continue
-        lines.append(f"{marks[result.outcome]} {check.id.ljust(width)}  {result.message}")
+        lines.append(
+            safe_line(f"{marks[result.outcome]} {check.id.ljust(width)}  {result.message}", LINE)
+        )
     for model, digest in collect_digests(results.values()).items():
         lines.append(f"{model} digest: {digest}")
     return lines

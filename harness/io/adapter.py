@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.dtypes import FLOATING
 from harness.errors import AdapterError, CheckpointError
 from harness.io.files import read_json
+from harness.io.patterns import PatternMatcher
 from harness.io.pickled import OPT_IN, load_pickle_state, pickle_infos
 from harness.io.safetensors import (
     SafetensorsFile,
@@ -20,6 +21,7 @@ from harness.io.safetensors import (
     read_range,
     tensor_from_bytes,
 )
+from harness.text import shown
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +53,8 @@ class Adapter:
     file: SafetensorsFile | None
     tensors: dict[str, TensorInfo]
     _pickled: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: Keys already checked to be finite (a tensor is read once per edit and dtype).
+    _finite: set[str] = field(default_factory=set, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
@@ -108,20 +112,46 @@ class Adapter:
         return value if isinstance(value, str) and value else None
 
     @cached_property
+    def patterns(self) -> PatternMatcher:
+        """Compiles and matches this adapter's regexes within one time budget (peft's rules)."""
+        return PatternMatcher(CONFIG_FILE)
+
+    @cached_property
     def layout(self) -> AdapterLayout:
         """The saved keys grouped by module: adapter roles, and full copies of base tensors."""
         return parse_layout(self.tensors)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One adapter tensor by its saved key, as a CPU tensor."""
+        """One adapter tensor by its saved key, as a CPU tensor; AdapterError if not finite.
+
+        A NaN or an Inf in an adapter factor makes the merged weights NaN or Inf, and the
+        oracle's bound on them infinite: such an adapter is broken, whatever the merge did.
+        """
         if self._pickled is not None:
-            return self._pickled[key]
-        info = self.tensors[key]
-        try:
-            data = read_range(info, bytearray(info.nbytes))
-        except CheckpointError as exc:
-            raise AdapterError(str(exc)) from None
-        return tensor_from_bytes(info, data)
+            tensor = self._pickled[key]
+        else:
+            info = self.tensors[key]
+            try:
+                data = read_range(info, bytearray(info.nbytes))
+            except CheckpointError as exc:
+                raise AdapterError(str(exc)) from None
+            tensor = tensor_from_bytes(info, data)
+        if key not in self._finite:
+            self._check_finite(key, tensor)
+        return tensor
+
+    def _check_finite(self, key: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        if tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                where = self.tensors[key].file if self.file is not None else self.root
+                raise AdapterError(
+                    f"{where}: adapter tensor {key!r} holds {bad} NaN/Inf value(s): a"
+                    " non-finite adapter factor makes every merged value unverifiable"
+                )
+        self._finite.add(key)
 
 
 def discover_base(adapter_path: Path) -> Path:
@@ -231,8 +261,9 @@ def validate_config(adapter: Adapter) -> None:
     """Reject configs peft itself would refuse or that make the merge meaningless.
 
     Raises :class:`AdapterError` with a one-line cause: ``r <= 0``, a negative or non-numeric
-    alpha, bad ``rank_pattern``/``alpha_pattern`` entries, or an adapter file without a single
-    adapter tensor (its ``target_modules`` matched nothing).
+    alpha, bad ``rank_pattern``/``alpha_pattern`` entries, a pattern ``re`` cannot compile
+    (:mod:`harness.io.patterns`), or an adapter file without a single adapter tensor (its
+    ``target_modules`` matched nothing).
     """
     config = adapter.config
     where = CONFIG_FILE
@@ -258,12 +289,17 @@ def validate_config(adapter: Adapter) -> None:
             for key, value in pattern.items():
                 if not check(value):
                     raise AdapterError(f"{where}: {name}[{key!r}] must be {what}, got {value!r}")
-                try:
-                    re.compile(key)
-                except re.error as exc:
-                    raise AdapterError(
-                        f"{where}: {name} key {key!r} is not a regex: {exc}"
-                    ) from None
+                adapter.patterns.compile(key, f"{name} key")
+    for key, info in adapter.tensors.items():
+        if info.dtype not in FLOATING:
+            raise AdapterError(
+                f"{info.file}: adapter tensor {shown(key)} is {info.dtype}; adapter weights are"
+                " floating point"
+            )
+    for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+        value = config.get(name)
+        if isinstance(value, str):
+            adapter.patterns.compile(value, name)
     layout = adapter.layout
     if not layout.modules and not (set(layout.copies) - layout.base_layer_copies):
         targets = config.get("target_modules")
@@ -271,16 +307,3 @@ def validate_config(adapter: Adapter) -> None:
             f"{WEIGHTS_FILE}: no adapter weights (target_modules {targets!r} matched nothing"
             " when the adapter was saved?)"
         )
-
-
-def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    r"""The ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as peft matches it.
-
-    peft's ``get_pattern_key`` returns the first key (in the pattern's order) for which
-    ``re.match(rf"(.*\.)?({key})$", module)`` succeeds: a regex anchored at the end and at a
-    module-path boundary.
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None

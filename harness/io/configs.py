@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.io.models import quiet
+from harness.text import shown
 
 #: Top-level keys of transformers 4 that transformers 5 copies into ``rope_parameters``.
 _ROPE_LEFTOVERS = ("rope_theta", "partial_rotary_factor")
@@ -31,7 +32,7 @@ class ConfigChange:
 
     def describe(self) -> str:
         """``'key': base X, merged Y``."""
-        return f"{self.key!r}: base {self.base!r}, merged {self.merged!r}"
+        return f"{shown(self.key)}: base {shown(self.base)}, merged {shown(self.merged)}"
 
 
 @dataclass(frozen=True)

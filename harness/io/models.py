@@ -9,13 +9,18 @@ progress bars and load reports of transformers and peft are silenced while a mod
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import CheckpointError, HarnessError, bounded, one_line
+from harness.errors import CheckpointError, HarnessError, one_line
+from harness.io.adapter import CONFIG_FILE, Adapter
+from harness.io.checkpoint import Checkpoint
+from harness.io.code import custom_code
+from harness.io.files import check_folder, exists, read_json
+from harness.io.patterns import PatternMatcher, module_names, screen
+from harness.text import bounded
 
 if TYPE_CHECKING:
     import torch
@@ -130,25 +135,46 @@ def load_report(kept: list[str]) -> str:
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a model folder; HarnessError when absent or malformed."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not exists(path):
         raise CheckpointError(f"{folder}: no config.json (transformers cannot load it)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON: {exc}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return data
 
 
 def refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:
-    """Refuse a config that needs custom code unless the user allowed it."""
-    config = read_config(folder)
-    if config.get("auto_map") and not trust_remote_code:
+    """Refuse a folder a loader must not be handed, or one that needs unallowed custom code.
+
+    Every entry must pass :func:`~harness.io.files.check_folder` (no symlink out, no pipe), and
+    no configuration file may name custom code (:mod:`harness.io.code`) unless allowed.
+    """
+    check_folder(folder)
+    found = custom_code(folder)
+    if found and not trust_remote_code:
+        entry = found[0]
         raise HarnessError(
-            f"{folder / 'config.json'}: auto_map asks for custom modelling code; refusing to run it"
+            f"{entry.file}: {' and '.join(entry.keys)} asks for custom code; refusing to run it"
             " (pass --merge-trust-remote-code to allow)"
         )
+
+
+def refuse_hostile_patterns(adapter: Path, base: Path) -> None:
+    """Replay peft's regex matches of ``adapter``'s config on ``base``'s module names, bounded.
+
+    peft matches ``target_modules``, ``rank_pattern`` and the other patterns with ``re`` and
+    would hang on a catastrophic one while holding the GIL; :func:`harness.io.patterns.screen`
+    runs the same matches first within :data:`~harness.io.patterns.PATTERN_SECONDS` and refuses
+    the adapter with a one-line cause when they do not end.
+    """
+    config = read_json(adapter / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{adapter / CONFIG_FILE}: not a JSON object")
+    try:
+        names = list(Checkpoint.open(base).tensors)
+    except CheckpointError:  # a pickle-only base: the adapter's own module names
+        names = list(Adapter.open(adapter, allow_pickle=False).tensors)
+    screen(config, module_names(names), PatternMatcher(CONFIG_FILE))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -235,6 +261,8 @@ def load_peft(
     """
     from peft import PeftModel
 
+    refuse_remote_code(adapter, trust_remote_code)
+    refuse_hostile_patterns(adapter, base)
     model, _ = load_pretrained(
         base,
         task,

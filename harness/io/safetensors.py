@@ -5,12 +5,20 @@ header (a declared length beyond the file, offsets that overlap or run past the 
 dtype) becomes a :class:`~harness.errors.CheckpointError` with a one-line cause before anything
 is allocated, and so that the raw bytes of a tensor are read once and serve both the hash and the
 comparison.
+
+The parser accepts exactly the files the reference library accepts and loads (``safe_open``
+then ``get_tensor`` for torch): its JSON is serde_json's, not Python's (no ``NaN``/``Infinity``,
+no number that overflows a double, no lone surrogate, at most :data:`MAX_DEPTH` levels of
+nesting, no field of a tensor given twice), dimensions and offsets are 64-bit, sizes are
+computed with the reference's overflow checks, and a dimension must fit torch's 64-bit signed
+sizes. Where the harness refuses more, it says why (:data:`STRICTER`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +33,20 @@ if TYPE_CHECKING:
 
 #: The safetensors library refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
+#: Deepest nesting serde_json (the reference's parser) accepts: 127 levels of ``{`` and ``[``.
+MAX_DEPTH = 127
+#: Dimensions and offsets are ``usize`` (u64) in the reference; torch sizes are int64.
+U64 = 2**64
+TORCH_DIM = 2**63
+#: What the harness refuses although the reference library would load it, and why.
+STRICTER = {
+    "duplicate tensor": "a tensor named twice in one header (readers disagree on which counts)",
+    "sub-byte dtype": "F4 tensors (packed two to a byte) are not verifiable by the harness",
+}
+#: Dtypes the reference knows that torch cannot load (``get_tensor`` refuses them too).
+_UNLOADABLE = frozenset({"F6_E2M3", "F6_E3M2"})
+_SUB_BYTE = frozenset({"F4"})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -60,17 +82,84 @@ class SafetensorsFile:
     tensors: dict[str, TensorInfo]
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+class _Object(dict[str, Any]):
+    """A parsed JSON object that remembers which keys it was given more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object(pairs)  # the last value of a repeated key wins, as in serde_json
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = []
+        for key, _ in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+        out.duplicates = tuple(repeated)
     return out
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {text[:30]}")
+    return value
+
+
+def _int(text: str) -> int | float:
+    value = int(text)
+    if text.startswith("-0"):
+        return -0.0  # serde_json reads -0 as a float: never a dimension or an offset
+    try:
+        float(value)  # serde_json reads integers beyond 64 bits as doubles: those may overflow
+    except OverflowError:
+        raise ValueError(f"number out of range: {text[:30]}...") from None
+    return value
+
+
+def _check_document(header: Any) -> None:
+    """Depth and lone surrogates anywhere in the parsed header (iteratively: no recursion)."""
+    stack = [(header, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ValueError(f"lone surrogate in the string {value!r}")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise ValueError(f"lone surrogate in the key {key!r}")
+            stack.append((item, depth + 1))
+
+
+def parse_header_json(raw: bytes) -> dict[str, Any]:
+    """A header's JSON as the reference reads it (serde_json); ValueError with the cause."""
+    header = json.loads(
+        raw.decode("utf-8"),
+        object_pairs_hook=_object,
+        parse_constant=_constant,
+        parse_float=_float,
+        parse_int=_int,
+    )
+    if not isinstance(header, dict):
+        raise ValueError("not a JSON object")
+    _check_document(header)
+    return header
 
 
 def read_header(path: Path) -> SafetensorsFile:
@@ -105,11 +194,19 @@ def read_header(path: Path) -> SafetensorsFile:
     if len(raw) != header_size:
         raise CheckpointError(f"{path}: truncated while reading the header")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        header = parse_header_json(raw)
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: malformed safetensors header: nested deeper than {MAX_DEPTH} levels"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed safetensors header: {one_line(exc)}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed safetensors header: not a JSON object")
+    duplicates = getattr(header, "duplicates", ())
+    if duplicates:
+        what = "__metadata__ given twice" if "__metadata__" in duplicates else (
+            f"duplicate key {duplicates[0]!r} ({STRICTER['duplicate tensor']})"
+        )
+        raise CheckpointError(f"{path}: malformed safetensors header: {what}")
 
     data_start = 8 + header_size
     data_size = size - data_start
@@ -117,6 +214,8 @@ def read_header(path: Path) -> SafetensorsFile:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if entry is None:  # the reference reads it as an Option
+                continue
             if not isinstance(entry, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
             ):
@@ -146,25 +245,48 @@ def read_header(path: Path) -> SafetensorsFile:
     return SafetensorsFile(path, size, header_size, metadata, tensors)
 
 
+def _dimension(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry is not an object")
+    repeated = sorted(set(getattr(entry, "duplicates", ())) & {"dtype", "shape", "data_offsets"})
+    if repeated:
+        raise CheckpointError(f"{where}: field {repeated[0]} given twice")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
+    if dtype in _SUB_BYTE:
+        raise CheckpointError(f"{where}: {STRICTER['sub-byte dtype']}")
+    if dtype in _UNLOADABLE:
+        raise CheckpointError(f"{where}: dtype {dtype} cannot be loaded into torch")
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers")
+    if not isinstance(shape, list) or not all(_dimension(d, U64) for d in shape):
+        raise CheckpointError(
+            f"{where}: shape must be a list of integers from 0 to 2**64-1"
+        )
+    if not all(d < TORCH_DIM for d in shape):
+        raise CheckpointError(f"{where}: a dimension of 2**63 or more cannot be loaded into torch")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_dimension(o, U64) for o in offsets)
+        or not offsets[0] <= offsets[1]
     ):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
-    expected = math.prod(shape) * ITEMSIZE[dtype]
+    # the element count as the reference computes it: left to right, refused on u64 overflow
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= U64:
+            raise CheckpointError(f"{where}: shape {shape} overflows a 64-bit element count")
+    expected = numel * ITEMSIZE[dtype]
+    if expected >= U64:
+        raise CheckpointError(f"{where}: shape {shape} overflows a 64-bit byte count")
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{where}: byte range holds {offsets[1] - offsets[0]} bytes but {dtype}{shape}"

@@ -158,7 +158,9 @@ def _check_one(
             return None
         return compare_untouched(job.name, info, data, other)
     if info.dtype not in FLOATING or info.dtype.startswith("F8"):
-        raise HarnessError(f"{info.name}: the adapter changes a {info.dtype} tensor")
+        raise HarnessError(
+            f"{info.file}: tensor {info.name!r} is {info.dtype}, which the adapter cannot change"
+        )
     merged = tensor_from_bytes(info, data)
     base_tensor = tensor_from_bytes(base_info, other)
     return compare_judged(job.name, merged, base_tensor, job.edits, info.dtype, k,

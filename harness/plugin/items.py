@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from harness.checks.split import PART, record_part, shard_part
+from harness.errors import one_line
 from harness.gate.report import junit_properties
 from harness.run.check import Check
 from harness.run.result import CheckResult, Family, Outcome
@@ -101,14 +102,14 @@ class CheckItem(pytest.Item):
         if self.config.getoption("fulltrace", False):
             return str(super().repr_failure(excinfo, style=style))
         error = excinfo.value
-        text = str(error).strip().splitlines()
+        text = one_line(error) if str(error).strip() else ""
         if isinstance(error, MergeHarnessWarning):
             # A passing check's note, turned into an error by -W error / filterwarnings.
-            return f"{text[0] if text else self.check.id} (a warning, raised as an error by -W)"
+            return f"{text or self.check.id} (a warning, raised as an error by -W)"
         # Not a check's verdict: a bug in the harness itself. Still one line, no traceback.
         return (
             f"internal error in {self.check.id}: {type(error).__name__}:"
-            f" {text[0] if text else ''} (--full-trace shows the traceback)"
+            f" {text} (--full-trace shows the traceback)"
         )
 
     def reportinfo(self) -> tuple[Any, int | None, str]:

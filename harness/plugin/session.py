@@ -14,6 +14,7 @@ from harness.gate.report import MARKS, summary_lines
 from harness.plugin.items import PART_PROPERTY, RESULT_PROPERTY, CheckItem, MergeSuite
 from harness.run.result import CheckResult, Family
 from harness.run.state import State
+from harness.text import safe_line
 
 
 def _selects(selection: str, nodeid: str) -> bool:
@@ -100,7 +101,7 @@ class HarnessSession:
                 f"lock: {settings.lock_path}" + ("" if exists else " (none yet)")
             )
         for line in self.state.notes:
-            terminalreporter.write_line(line)
+            terminalreporter.write_line(safe_line(line))
         for line in summary_lines(self.state.suite, self.state.results, MARKS):
             terminalreporter.write_line(line)
         for line in self.state.gate_lines:

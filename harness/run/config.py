@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError
+from harness.errors import CheckpointError, ConfigError
+from harness.io.files import MAX_JSON_BYTES, check_regular_file
 from harness.run.knobs import KNOBS, KnobError
 
 if sys.version_info >= (3, 11):
@@ -146,13 +147,20 @@ class GateConfig:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; raise ConfigError naming the file."""
+    """Parse a TOML file of bounded size; raise ConfigError naming the file."""
     try:
+        size = check_regular_file(path, confined=False)
+        if size > MAX_JSON_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too large for a configuration file")
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: bad TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: bad TOML: nested too deeply") from None
 
 
 def _pyproject_table(data: Mapping[str, Any]) -> Any:

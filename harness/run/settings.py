@@ -75,6 +75,8 @@ class Settings:
     lock_path: Path | None = None
     #: Whether a lock file was named (by ``--merge-lock`` or the file): its check then runs.
     lock_requested: bool = False
+    #: Whether ``--merge-lock`` named it: only then may the lock path be a symlink.
+    lock_named: bool = False
     update_lock: bool = False
     report_path: Path | None = None
     summary_path: Path | None = None
@@ -138,6 +140,7 @@ def resolve(
         config=config,
         lock_path=lock.absolute(),
         lock_requested=request.lock_path is not None or config.lock is not None,
+        lock_named=request.lock_path is not None,
         update_lock=request.update_lock,
         report_path=request.report_path,
         summary_path=request.summary_path,

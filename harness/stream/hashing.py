@@ -33,7 +33,8 @@ def tensor_digest_start(name: str, dtype: str, shape: Iterable[int]) -> Any:
     """A sha256 object primed with the canonical prefix of one tensor, ready for its bytes."""
     digest = hashlib.sha256(DOMAIN)
     dims = ",".join(str(int(d)) for d in shape)
-    digest.update(f"{name}\0{dtype}\0{dims}\0".encode())
+    # surrogatepass: a name that is not valid Unicode (from an opted-in pickle) still hashes
+    digest.update(f"{name}\0{dtype}\0{dims}\0".encode("utf-8", "surrogatepass"))
     return digest
 
 
@@ -50,7 +51,7 @@ def combine(digests: Mapping[str, str]) -> str:
     """The checkpoint digest from per-tensor digests (order of the mapping is irrelevant)."""
     outer = hashlib.sha256()
     for name in sorted(digests):
-        outer.update(f"{name}\t{digests[name]}\n".encode())
+        outer.update(f"{name}\t{digests[name]}\n".encode("utf-8", "surrogatepass"))
     return outer.hexdigest()
 
 

@@ -7,7 +7,9 @@ they arrive, returns the pooled buffers and releases their bytes from the pass's
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import re
 import threading
@@ -18,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from harness.errors import HarnessError, MergeError
 from harness.io.checkpoint import SINGLE_FILE, Checkpoint
 from harness.io.safetensors import TensorInfo
+from harness.io.staging import partial
 from harness.stream.pipeline import BufferPool, ByteBudget
 
 if TYPE_CHECKING:
@@ -147,7 +150,8 @@ class Writer:
         handle: IO[bytes] | None = None
         try:
             for shard in self.shards:
-                handle = (self.folder / shard.name).open("wb")
+                # named *.partial until the merge is published: debris never loads as a model
+                handle = partial(self.folder, shard.name).open("wb")
                 handle.write(shard.header())
                 for entry in shard.entries:
                     data = self.slots.get()
@@ -163,6 +167,9 @@ class Writer:
                         self.pool.put(data)
                     del data
                     self.budget.release(entry.nbytes)
+                # a full disk or a quota fails here, with its cause, not silently after rename
+                handle.flush()
+                os.fsync(handle.fileno())
                 handle.close()
                 handle = None
         except BaseException as exc:  # reported by put()/finish() on the main thread
@@ -171,7 +178,9 @@ class Writer:
                 pass
         finally:
             if handle is not None:
-                handle.close()
+                # after a failed write, closing flushes the rest and fails again: already known
+                with contextlib.suppress(OSError):
+                    handle.close()
 
     def put(self, data: memoryview | bytes | bytearray) -> None:
         """Queue the next tensor's bytes (in plan order)."""
