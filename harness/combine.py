@@ -38,8 +38,10 @@ from harness.oracle.stream import OraclePass
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family
+from harness.run.runner import run_check, sanitize
 from harness.run.settings import Request, Settings, resolve
 from harness.run.state import State
+from harness.text import safe_line
 
 #: The check that stands for the parts fitting together.
 PARTS_CHECK = Check(
@@ -213,7 +215,8 @@ def _recorded(suite: Sequence[Check], inputs: Inputs) -> dict[str, CheckResult]:
             if check_id in results:
                 raise HarnessError(f"{check_id} was run by both {source[check_id]} and {name}")
             try:
-                results[check_id] = CheckResult.from_json(entry)
+                # Reports are files from other jobs: bounded and escaped like a result made here.
+                results[check_id] = sanitize(CheckResult.from_json(entry))
             except (KeyError, TypeError, ValueError) as exc:
                 raise HarnessError(f"{name} is corrupt: {check_id}: {exc}") from None
             source[check_id] = name
@@ -248,8 +251,6 @@ def _finish(settings: Settings, combined: Combined, recorded: Mapping[str, str])
 def _judge(suite: Sequence[Check], settings: Settings, combined: Combined,
            recorded: Mapping[str, str]) -> dict[str, CheckResult]:
     """Run the streamed checks on the combined pass (nothing is read from the models)."""
-    from harness.run.runner import run_check
-
     ctx = Context(settings)
     if combined.oracle is not None:
         ctx.seed(ORACLE, combined.oracle)
@@ -294,7 +295,7 @@ def _refused(args: argparse.Namespace, cause: str) -> State:
         report_path=args.merge_report, summary_path=args.merge_summary,
         lock_path=args.merge_lock, update_lock=args.update_merge_lock,
     )
-    return State(settings, [PARTS_CHECK], {PARTS_CHECK.id: CheckResult.failed(cause)})
+    return State(settings, [PARTS_CHECK], {PARTS_CHECK.id: sanitize(CheckResult.failed(cause))})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,12 +324,12 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(state.suite, state.results, MARKS):
         print(line)
     for line in state.gate_lines:
-        print(line)
+        print(safe_line(line))
     if args.junitxml is not None:
         try:
             write_junit(args.junitxml, state.suite, state.results)
-            print(f"--junitxml: wrote {args.junitxml}")
-        except OSError as exc:
-            print(f"--junitxml: cannot write {args.junitxml}: {exc.strerror or exc}")
+            print(safe_line(f"--junitxml: wrote {args.junitxml}"))
+        except HarnessError as exc:
+            print(safe_line(f"--junitxml: {one_line(exc)}"))
             status = 1
     return status

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from harness.gate.report import junit_properties
+from harness.io.output import write_text_atomic
 from harness.run.check import Check
 from harness.run.result import CheckResult, Outcome
 
@@ -46,6 +47,5 @@ def render_junit(suite: Sequence[Check], results: Mapping[str, CheckResult]) -> 
 
 
 def write_junit(path: Path, suite: Sequence[Check], results: Mapping[str, CheckResult]) -> None:
-    """Write :func:`render_junit` to ``path`` (its folder is created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_junit(suite, results), encoding="utf-8")
+    """Write :func:`render_junit` to ``path`` atomically, never through a symlink."""
+    write_text_atomic(path, render_junit(suite, results))
