@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from guard import differences, snapshot
 from hostile import COMMAND_FORMS, executed_commands, foreign_commands, hostile_merge
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.guard import differences, snapshot
 
 from harness.text import bounded, escape_controls, inert, is_command, safe_line, safe_text
 

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from guard import install_family
+from support.guard import install_family
 
 from harness.limits import Expired, enforceable, run_limited, time_limit
 from harness.run.check import Check

@@ -337,7 +337,7 @@ def compare_edited(
             sub_r, sub_s = reference_rows(sub_w, edits, numbers, code, k)
             acc.exact(numbers, m_stored[bad].to(cd), sub_w, sub_r, sub_s)
     acc.finish()
-    check.diagnosis = overflow_diagnosis(check)
+    check.diagnosis = overflow_diagnosis(check) or check.diagnosis
     if check.changed == 0 and check.expected_norm > 0 and check.ok:
         check.note = f"the delta is below {code} resolution everywhere: a correct merge is a no-op"
     return check
