@@ -102,7 +102,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"--merge-report={combined_path}"], work, 1)
     single = json.loads(whole.read_text())
     total = _bytes_read(single)
-    part_bytes = [json.loads(Path(n).read_text())["part"]["bytes_read"] for n in names]
+    part_json = [json.loads(Path(n).read_text())["part"] for n in names]
+    part_bytes = [int(p["bytes_read"]) for p in part_json]
+    # The pass's own seconds, as the part records them: the rest of a part's wall time is what
+    # every job pays to start (interpreter, pytest, torch, the plugin) whatever its share.
+    part_pass = [float(p["seconds"]) for p in part_json]
     combined = json.loads(combined_path.read_text())
     same_shared = _view(json.loads((work / "shared.json").read_text())) == _view(single)
     same_combined = _view(combined) == _view(single)
@@ -117,9 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for m in (base, shared, *parts, combine)]
     print(table(["contender", "wall s", "cpu s", "exit"], rows))
     print()
-    print(table(["part", "bytes read", "share of unsharded"],
-                [[f"{i}/{args.shards}", f"{b / 1e9:.3f} GB", f"{b / total:.3f}"]
-                 for i, b in enumerate(part_bytes, 1)]))
+    print(table(["part", "bytes read", "share of unsharded", "pass s", "wall s - pass s"],
+                [[f"{i}/{args.shards}", f"{b / 1e9:.3f} GB", f"{b / total:.3f}",
+                  f"{s:.1f}", f"{(p.wall_s or 0.0) - s:.1f}"]
+                 for i, (b, s, p) in enumerate(zip(part_bytes, part_pass, parts, strict=True),
+                                               1)]))
     print()
     print(table(["ratio", "value", "target", "verdict"],
                 [[k, f"{v:.3f}", f"<= {TARGETS[k]}", "met" if v <= TARGETS[k] else "MISSED"]
@@ -133,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "provenance": provenance(),
         "measurements": [m.to_json() for m in (base, shared, *parts, combine)],
         "part_bytes": part_bytes,
+        "part_pass_s": part_pass,
         "unsharded_bytes": total,
         "ratios": ratios,
         "targets": TARGETS,
