@@ -42,15 +42,16 @@ from harness.stream.pipeline import default_workers, single_threaded_torch, work
 if TYPE_CHECKING:
     import torch
 
-#: Elements per chunk: 256 KiB of float32. A torch call costs microseconds whatever its size,
-#: so chunks are as large as they can be while a chunk's buffers (the rows read from both
-#: files, their float32 values and the comparison's scratch, about 12 bytes per element) stay
-#: in a core's 1-2 MiB L2 cache: twice this size measured 20 % slower on a 1.25 MiB L2.
-CHUNK_ELEMENTS = 1 << 16
+#: Elements per chunk: 512 KiB of float32. Each chunk costs about 25 torch calls and the
+#: Python around them (on a 2.8 GHz Xeon about 100 us whatever the chunk's size), so chunks
+#: are large; a chunk's buffers (about 16 bytes per element) then outgrow a 1.25 MiB L2 cache,
+#: but on that Xeon this size measured 15-20 % less CPU than half of it (with one worker
+#: thread or two), and twice it no less.
+CHUNK_ELEMENTS = 1 << 17
 #: Chunks per tensor that feed the retention ratio (spread evenly over the tensor; all of
 #: them in a tensor of fewer). The ratio is an estimate: a sample of about a million elements
 #: per tensor pins it to a few parts in ten thousand, and spares reading the whole base.
-PROVENANCE_CHUNKS = 16
+PROVENANCE_CHUNKS = 8
 #: Intermediate precisions a quantized export may have been made from (llama-quantize reads a
 #: float16 or bfloat16 GGUF): None is the merged tensor itself, as convert_hf_to_gguf.py does.
 ROUTES: tuple[str | None, ...] = (None, "F16", "BF16")
