@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
 
 #: Elements per chunk: 512 KiB of float32. Each chunk costs about 25 torch calls and the
-#: Python around them (on a 2.8 GHz Xeon about 100 us whatever the chunk's size), so chunks
+#: Python around them (on a 2.8 GHz Xeon 100-150 us whatever the chunk's size), so chunks
 #: are large; a chunk's buffers (about 16 bytes per element) then outgrow a 1.25 MiB L2 cache,
 #: but on that Xeon this size measured 15-20 % less CPU than half of it (with one worker
 #: thread or two), and twice it no less.
