@@ -192,6 +192,48 @@ def test_any_damaged_header_is_a_failed_check_or_a_valid_export(tmp_path, edits,
         assert "\n" not in result.message
 
 
+def _opened(target: Path) -> object:
+    """What open_export makes of a file: its metadata and tensors, or its one-line refusal."""
+    try:
+        export = open_export(target)
+    except ExportError as exc:
+        return str(exc)
+    return export.fields, export.tensors
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 5500), st.integers(0, 255)), max_size=4),
+       cut=st.none() | st.integers(0, 27328), limit=st.none() | st.integers(1, 1000))
+def test_the_array_fast_path_reads_as_ggufs_own_walk(tmp_path, monkeypatch, edits, cut, limit):
+    """Arrays are read whole (numbers) or a slice per string, not element by element: the same
+    metadata, the same refusals at the same point, for any damaged header and read budget."""
+    data = bytearray(SOURCE.read_bytes())
+    for offset, value in edits:
+        data[offset] = value
+    if cut is not None:
+        del data[cut:]
+    target = tmp_path / "damaged.gguf"
+    target.write_bytes(bytes(data))
+    if limit is not None:
+        monkeypatch.setattr(reader, "MAX_HEADER_READS", limit)
+    fast = _opened(target)
+    monkeypatch.setattr(reader._Guarded, "_get_field_parts", gguf.GGUFReader._get_field_parts)
+    assert _opened(target) == fast
+
+
+def test_the_read_budget_runs_out_where_ggufs_own_walk_runs_out(monkeypatch):
+    """Every budget around the header's size: refused, or read, exactly as gguf's walk."""
+    needed = reader._Guarded(SOURCE, SOURCE.stat().st_size)._reads
+    for limit in [*range(1, needed, 5), needed - 1, needed, needed + 1]:
+        monkeypatch.setattr(reader, "MAX_HEADER_READS", limit)
+        fast = _opened(SOURCE)
+        with monkeypatch.context() as walk:
+            walk.setattr(reader._Guarded, "_get_field_parts", gguf.GGUFReader._get_field_parts)
+            assert _opened(SOURCE) == fast, limit
+        assert isinstance(fast, str) == (limit < needed)
+
+
 def test_the_plugin_reports_a_hostile_export_in_one_line(pytester, tmp_path):
     target = _hostile(tmp_path, "array length")
     result = pytester.runpytest(

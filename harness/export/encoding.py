@@ -7,26 +7,17 @@ re-encoding the merged tensor gives. Other types (K-quants, IQ types) come out o
 ``llama-quantize`` and its search for good scales: only their decoded values can be checked,
 against :func:`error_bound`.
 
-:func:`quick_differs` answers "do these bytes re-encode these values?" for the four types most
-exports use (F32, F16, BF16, Q8_0) several times faster than encoding with ``gguf.quants``
-(which makes a dozen full passes over the values): on a 1.1B-parameter model that is the
-difference between minutes and seconds. It only ever confirms: blocks it finds different are
-re-encoded with ``gguf.quants``, which alone decides what is reported, and a property test holds
-it to ``gguf.quants`` on random values, ties and zero blocks included.
+For the four types most exports use (F32, F16, BF16, Q8_0), :mod:`harness.export.matching`
+confirms a match without encoding with ``gguf.quants``; blocks it does not confirm are
+re-encoded here, and ``gguf.quants`` alone decides what is reported.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
-
-from harness.stream.pipeline import workspace
-
-if TYPE_CHECKING:
-    import torch
 
 PLAIN = frozenset(
     {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
@@ -89,87 +80,6 @@ def encode(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """
     encoded = gguf.quants.quantize(values, qtype)
     return np.ascontiguousarray(encoded).view(np.uint8).reshape(values.shape[0], -1)
-
-
-def quick_differs(
-    values: np.ndarray, stored: np.ndarray, qtype: gguf.GGMLQuantizationType
-) -> np.ndarray | None:
-    """Per block, whether ``stored`` is not the encoding of ``values``; None: no quick path.
-
-    ``values`` (rows, row_length) float32 or float16, ``stored`` (rows, row_bytes) uint8 ->
-    (blocks,) bool.
-    """
-    found: np.ndarray
-    if qtype == gguf.GGMLQuantizationType.F32:
-        found = values.astype(np.float32, copy=False).view(np.uint32).ravel()
-        return np.asarray(found != stored.view(np.uint32).ravel())
-    if qtype == gguf.GGMLQuantizationType.F16:
-        found = values.astype(np.float16, copy=False).view(np.uint16).ravel()
-        return np.asarray(found != stored.view(np.uint16).ravel())
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        import torch
-
-        # torch rounds float32 to bfloat16 to nearest even, as ggml does (NaNs aside, which
-        # differ and are then settled by gguf.quants).
-        wide = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-        found = wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).ravel()
-        return np.asarray(found != stored.view(np.uint16).ravel())
-    if qtype == gguf.GGMLQuantizationType.Q8_0:
-        return _q8_0_differs(values.astype(np.float32, copy=False), stored)
-    return None
-
-
-def _q8_0_differs(values: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """Q8_0: a float16 scale ``d = max|x| / 127`` and 32 int8 ``round(x / d)`` per block.
-
-    In torch, whose per-block reductions are an order of magnitude faster than numpy's on rows
-    of 32, in this thread's reused scratch tensors (fresh ones cost a page fault per 4 KiB);
-    the 32 quants of a block are compared as four 64-bit words. Rounding is to nearest with
-    ties to even; blocks that then differ are looked at again with Q8_0's own rounding (ties
-    away from zero), so that only a real difference is reported.
-    """
-    import torch
-
-    count = values.size
-    blocks = torch.from_numpy(values).reshape(-1, 32)
-    raw = torch.from_numpy(stored).reshape(-1, 34)
-    work = _scratch(count, torch.float32, "q8_0:work").reshape(-1, 32)
-    # (blocks,) the scale as gguf computes it: float32 max|x| / 127, stored as float16; max|x|
-    # from the largest and the smallest value (two reads, no |x| written), +0 for zero blocks
-    scale = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).abs_().div_(127)
-    stored_scale = raw[:, :2].contiguous().view(torch.int16).reshape(-1)
-    differs = scale.to(torch.float16).view(torch.int16) != stored_scale
-    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-    # (blocks, 32) x / d in float32, rounded; |x / d| <= 127, so the int8 copy is exact
-    scaled = torch.mul(blocks, inverse[:, None], out=work)
-    rounded = _scratch(count, torch.float32, "q8_0:rounded").reshape(-1, 32)
-    torch.round(scaled, out=rounded)
-    narrow = _scratch(count, torch.int8, "q8_0:narrow").reshape(-1, 32)
-    narrow.copy_(rounded)
-    quants = _scratch(count, torch.int8, "q8_0:quants").reshape(-1, 32)
-    quants.copy_(raw[:, 2:].view(torch.int8))
-    lanes = _scratch(count // 8, torch.bool, "q8_0:lanes").reshape(-1, 4)
-    torch.ne(narrow.view(torch.int64), quants.view(torch.int64), out=lanes)
-    differs |= lanes.any(dim=1)
-    if bool(differs.any()):
-        suspects = torch.nonzero(differs, as_tuple=True)[0]
-        exact = scaled[suspects]
-        whole = torch.trunc(exact)
-        tie = (exact - whole).abs() == 0.5
-        away = torch.where(tie, whole + torch.sign(exact), torch.round(exact)).to(torch.int8)
-        differs[suspects] = (away != quants[suspects]).any(dim=1) | (
-            scale[suspects].to(torch.float16).view(torch.int16) != stored_scale[suspects]
-        )
-    result: np.ndarray = differs.numpy()
-    return result
-
-
-def _scratch(count: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """A flat scratch tensor of this thread (:func:`harness.stream.pipeline.workspace`)."""
-    import torch
-
-    found = workspace(count, dtype, slot)
-    return found if found is not None else torch.empty(count, dtype=dtype)
 
 
 def decode(raw: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:

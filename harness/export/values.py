@@ -31,7 +31,7 @@ import gguf
 import numpy as np
 
 from harness.errors import CheckpointError, ExportError
-from harness.export import encoding
+from harness.export import encoding, matching
 from harness.export.layout import Layout, Source
 from harness.export.provenance import Retention
 from harness.export.reader import ExportFile, ExportTensor
@@ -42,14 +42,16 @@ from harness.stream.pipeline import default_workers, single_threaded_torch, work
 if TYPE_CHECKING:
     import torch
 
-#: Elements per chunk: 1 MiB of float32. Small enough that the temporaries of the comparison stay
-#: in the CPU's cache and in the allocator's free lists (large fresh arrays cost a page fault
-#: per 4 KiB), large enough that numpy's per-call overhead is noise.
-CHUNK_ELEMENTS = 1 << 18
+#: Elements per chunk: 512 KiB of float32. Each chunk costs about 25 torch calls and the
+#: Python around them (on a 2.8 GHz Xeon 100-150 us whatever the chunk's size), so chunks
+#: are large; a chunk's buffers (about 16 bytes per element) then outgrow a 1.25 MiB L2 cache,
+#: but on that Xeon this size measured 15-20 % less CPU than half of it (with one worker
+#: thread or two), and twice it no less.
+CHUNK_ELEMENTS = 1 << 17
 #: Chunks per tensor that feed the retention ratio (spread evenly over the tensor; all of
-#: them in a tensor of fewer). The ratio is an estimate: a sample of a few million elements
+#: them in a tensor of fewer). The ratio is an estimate: a sample of about a million elements
 #: per tensor pins it to a few parts in ten thousand, and spares reading the whole base.
-PROVENANCE_CHUNKS = 4
+PROVENANCE_CHUNKS = 8
 #: Intermediate precisions a quantized export may have been made from (llama-quantize reads a
 #: float16 or bfloat16 GGUF): None is the merged tensor itself, as convert_hf_to_gguf.py does.
 ROUTES: tuple[str | None, ...] = (None, "F16", "BF16")
@@ -166,21 +168,6 @@ def _rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
     return rows, length
 
 
-def _as_float(tensor: torch.Tensor, slot: str) -> torch.Tensor:
-    """The converter's first step: anything but float16/float32 becomes float32.
-
-    Into this thread's scratch tensor for ``slot`` (valid until the next chunk).
-    """
-    import torch
-
-    if tensor.dtype in (torch.float16, torch.float32):
-        return tensor
-    found = workspace(tensor.numel(), torch.float32, slot)
-    if found is None:
-        return tensor.to(torch.float32)
-    return found.reshape(tensor.shape).copy_(tensor)
-
-
 class _Reader:
     """Row chunks of checkpoint tensors as torch tensors, read by range (pickles: whole)."""
 
@@ -188,40 +175,46 @@ class _Reader:
         self.checkpoint = checkpoint
         self.files = files
         self.slot = slot
+        # name -> (file, first byte, row length, bytes per element, torch dtype): looked up once
+        self._layout: dict[str, tuple[os.PathLike[str], int, int, int, torch.dtype]] = {}
 
     def rows(self, name: str, start: int, count: int) -> torch.Tensor:
-        """Rows ``start .. start + count`` of tensor ``name`` as (count, row_length)."""
+        """Rows ``start .. start + count`` of tensor ``name`` as (count, row_length).
+
+        A view of this thread's read buffer for the slot: valid until its next read.
+        """
         import torch
 
-        from harness.dtypes import to_torch
-
-        info: TensorInfo = self.checkpoint.tensors[name]
-        _, length = _rows_of(info.shape)
         if self.checkpoint.is_pickle:
+            length = _rows_of(self.checkpoint.tensors[name].shape)[1]
             whole = self.checkpoint.tensor(name).reshape(-1, length)
             return whole[start : start + count]
-        itemsize = info.nbytes // max(info.numel, 1)
-        raw = self.files.read(
-            info.file, info.start + start * length * itemsize, count * length * itemsize, self.slot
-        )
-        return torch.frombuffer(raw, dtype=to_torch(info.dtype)).reshape(count, length)
+        found = self._layout.get(name)
+        if found is None:
+            from harness.dtypes import to_torch
+
+            info: TensorInfo = self.checkpoint.tensors[name]
+            found = (info.file, info.start, _rows_of(info.shape)[1],
+                     info.nbytes // max(info.numel, 1), to_torch(info.dtype))
+            self._layout[name] = found
+        path, first, length, itemsize, dtype = found
+        row = length * itemsize
+        raw = self.files.read(path, first + start * row, count * row, self.slot)
+        return torch.frombuffer(raw, dtype=dtype).reshape(count, length)
 
 
 def _permute(chunk: torch.Tensor, head_rows: int) -> torch.Tensor:
     """llama.cpp's rotary row order within each head (``LlamaModel.permute``), on whole heads.
 
-    (heads * head_rows, cols) -> same shape: in each head, rows ``[a0..a(h/2-1), b0..]`` become
-    ``[a0, b0, a1, b1, ...]``. A bias (one row of heads * head_rows) is permuted the same way
-    along its elements.
+    (heads * head_rows, cols) -> a view (heads, head_rows / 2, 2, cols) whose row-major order is
+    the converter's: in each head, rows ``[a0..a(h/2-1), b0..]`` become ``[a0, b0, a1, b1, ...]``.
+    A bias (one row of heads * head_rows) is permuted the same way along its elements. Nothing
+    is copied: the copy into float32 that follows reads the rows in this order.
     """
     if chunk.shape[0] == 1 and chunk.shape[1] % head_rows == 0 and head_rows > 1:
-        return _permute(chunk.reshape(-1, 1), head_rows).reshape(chunk.shape)
+        return _permute(chunk.reshape(-1, 1), head_rows)
     heads = chunk.shape[0] // head_rows
-    return (
-        chunk.reshape(heads, 2, head_rows // 2, chunk.shape[1])
-        .swapaxes(1, 2)
-        .reshape(chunk.shape)
-    )
+    return chunk.reshape(heads, 2, head_rows // 2, chunk.shape[1]).swapaxes(1, 2)
 
 
 def _source_row(source: Source, part_rows: int, row: int) -> tuple[str, int]:
@@ -235,10 +228,14 @@ def _source_row(source: Source, part_rows: int, row: int) -> tuple[str, int]:
 
 @dataclass
 class _Chunk:
-    """One chunk: GGUF rows ``first_row ..`` and the expected values for them."""
+    """One chunk: GGUF rows ``first_row ..`` and the expected values for them.
+
+    ``expected`` is float32 (rows, row_length) in this thread's scratch: valid until the next
+    chunk.
+    """
 
     first_row: int
-    expected: np.ndarray
+    expected: torch.Tensor
     base: np.ndarray | None
 
 
@@ -266,18 +263,33 @@ def _chunks(
             expected = _transformed(merged.rows(name, start, count), source, "merged")
             prior = None
             if base is not None and number % stride == 0:
-                prior = _transformed(base.rows(name, start, count), source, "base")
+                prior = _transformed(base.rows(name, start, count), source, "base").numpy()
             number += 1
             yield _Chunk(index * part_rows + start, expected, prior)
 
 
-def _transformed(chunk: torch.Tensor, source: Source, slot: str) -> np.ndarray:
-    chunk = _as_float(chunk, f"export:{slot}")
-    if source.head_rows:
-        chunk = _permute(chunk, source.head_rows)
-    if source.offset:
+def _transformed(chunk: torch.Tensor, source: Source, slot: str) -> torch.Tensor:
+    """The converter's transforms of a chunk, as float32 (rows, row_length) in GGUF order.
+
+    One pass: the copy into this thread's float32 scratch for ``slot`` converts (anything but
+    float16 and float32 is float32 first, as in the converter), and reads the rows in the
+    permuted order. The Gemma norm offset is added in the converter's dtype: float32, or
+    float16 for a float16 tensor.
+    """
+    import torch
+
+    if source.offset and chunk.dtype == torch.float16:
         chunk = chunk + source.offset
-    return chunk.contiguous().numpy()
+    found = workspace(chunk.numel(), torch.float32, f"export:{slot}")
+    out = found.view(chunk.shape) if found is not None else torch.empty(chunk.shape)
+    if source.head_rows:
+        view = _permute(chunk, source.head_rows)
+        out.view(view.shape).copy_(view)
+    else:
+        out.copy_(chunk)
+    if source.offset and chunk.dtype != torch.float16:
+        out.add_(source.offset)
+    return out
 
 
 def _round_to(values: np.ndarray, route: str | None) -> np.ndarray:
@@ -290,43 +302,69 @@ def _round_to(values: np.ndarray, route: str | None) -> np.ndarray:
     return encoding.decode(encoding.encode(values.astype(np.float32), bf16), bf16)
 
 
+def _rounded(values: torch.Tensor, route: str | None) -> torch.Tensor:
+    """:func:`_round_to` in torch, for the quick comparison (this thread's scratch).
+
+    Round to nearest even both ways; only NaN payloads may differ from ggml's rounding, and
+    a block holding a NaN is always settled by ``gguf.quants`` from :func:`_round_to`.
+    """
+    import torch
+
+    if route is None:
+        return values
+    narrow = torch.float16 if route == "F16" else torch.bfloat16
+    count = values.numel()
+    low = workspace(count, narrow, "export:route")
+    wide = workspace(count, torch.float32, "export:route")
+    if low is None or wide is None:
+        return values.to(narrow).to(torch.float32)
+    low.view(values.shape).copy_(values)
+    return wide.view(values.shape).copy_(low.view(values.shape))
+
+
 def _differs(
-    values: np.ndarray, stored: np.ndarray, qtype: gguf.GGMLQuantizationType
-) -> np.ndarray:
-    """Per block, whether ``stored`` differs from gguf.quants' encoding of ``values``."""
-    quick = encoding.quick_differs(values, stored, qtype)
-    if quick is not None and not quick.any():
-        return quick
+    values: torch.Tensor, stored: torch.Tensor, qtype: gguf.GGMLQuantizationType,
+    route: str | None,
+) -> np.ndarray | None:
+    """Per block, whether ``stored`` differs from gguf.quants' encoding of ``values``.
+
+    ``values`` rounded to ``route`` first; None when no block differs.
+    """
+    quick = qtype in matching.QUICK
+    if quick and matching.mismatches(_rounded(values, route), stored, qtype) is None:
+        return None
     # gguf.quants decides every difference that is reported.
     size = encoding.type_size(qtype)
-    encoded = encoding.encode(values, qtype).reshape(-1, size)
-    result: np.ndarray = (encoded != stored.reshape(-1, size)).any(axis=1)
-    return result
+    encoded = encoding.encode(_round_to(values.numpy(), route), qtype).reshape(-1, size)
+    result: np.ndarray = (encoded != stored.numpy().reshape(-1, size)).any(axis=1)
+    return result if result.any() else None
 
 
 def _compare_exact(
-    chunk: np.ndarray,
-    stored: np.ndarray,
+    chunk: torch.Tensor,
+    stored: torch.Tensor,
     qtype: gguf.GGMLQuantizationType,
     routes: list[str | None],
-) -> np.ndarray:
+) -> np.ndarray | None:
     """Per block, whether it differs from the re-encoding (by the route that fits best).
 
-    ``routes`` is reordered in place so that the route that fitted is tried first next time.
+    None when a route reproduces every block. ``routes`` is reordered in place so that the
+    route that fitted is tried first next time.
     """
     best: np.ndarray | None = None
     for route in list(routes):
-        differs = _differs(_round_to(chunk, route), stored, qtype)
+        differs = _differs(chunk, stored, qtype, route)
+        if differs is None:
+            routes.remove(route)
+            routes.insert(0, route)
+            return None
         if best is None or differs.sum() < best.sum():
             best = differs
             routes.remove(route)
             routes.insert(0, route)
-        if not differs.any():
-            break
     assert best is not None
-    if best.any():
-        # No route reproduces this chunk: the rest of the tensor is judged by the closest one.
-        del routes[1:]
+    # No route reproduces this chunk: the rest of the tensor is judged by the closest one.
+    del routes[1:]
     return best
 
 
@@ -337,6 +375,8 @@ def _check_tensor(
     base: _Reader | None,
     files: _Files,
 ) -> TensorReport:
+    import torch
+
     qtype = target.type
     length = _rows_of(target.shape)[1]
     block = encoding.block_size(qtype)
@@ -358,23 +398,24 @@ def _check_tensor(
         count = chunk.expected.shape[0]
         raw = files.read(target.file, target.start + chunk.first_row * target.row_bytes,
                          count * target.row_bytes, "export")
-        stored = np.frombuffer(raw, dtype=np.uint8).reshape(count, target.row_bytes)
-        differs = None
+        stored = torch.frombuffer(raw, dtype=torch.uint8).reshape(count, target.row_bytes)
+        differs: np.ndarray | None = None
         if exact:
             differs = _compare_exact(chunk.expected, stored, qtype, routes)
-            if differs.any() and qtype in encoding.SEARCHED:
+            if differs is not None and qtype in encoding.SEARCHED:
                 # llama-quantize quantizes these with an importance matrix when given one: not
                 # reproducible then, only bounded.
-                exact, differs = False, None
-        if differs is None:
-            decoded = encoding.decode(stored, qtype).reshape(-1, block)
-            error = np.abs(decoded - chunk.expected.reshape(-1, block)).max(axis=1)
-            bound = encoding.error_bound(chunk.expected, qtype)
+                exact = False
+        if not exact:
+            expected = chunk.expected.numpy()
+            decoded = encoding.decode(stored.numpy(), qtype).reshape(-1, block)
+            error = np.abs(decoded - expected.reshape(-1, block)).max(axis=1)
+            bound = encoding.error_bound(expected, qtype)
             differs = error > bound
             worst = int(np.argmax(error - bound))
             if error[worst] - bound[worst] > report.worst_error - report.worst_bound:
                 report.worst_error, report.worst_bound = float(error[worst]), float(bound[worst])
-        bad = np.flatnonzero(differs)
+        bad = np.flatnonzero(differs) if differs is not None else np.empty(0, dtype=np.intp)
         if bad.size:
             if report.first_block is None:
                 report.first_block = int(chunk.first_row * length // block + bad[0])
@@ -387,10 +428,10 @@ def _check_tensor(
                 )
             report.differing += int(bad.size)
         if retention is not None and chunk.base is not None:
-            values = chunk.expected.astype(np.float32, copy=False)
+            values = chunk.expected.numpy()
             delta = values - chunk.base
             if delta.any():
-                decoded_all = encoding.decode(stored, qtype).reshape(delta.shape)
+                decoded_all = encoding.decode(stored.numpy(), qtype).reshape(delta.shape)
                 retention.add(decoded_all - values, delta)
     report.method = "exact" if exact else "bounded"
     if exact and routes[0] is not None:
