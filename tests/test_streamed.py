@@ -238,7 +238,7 @@ def test_budget_arithmetic():
     pool.set_reserve(10)
     owner = object()
     pool.admit(owner, "m", 20, [("a", 30), ("b", 40)], cache=True)
-    assert pool.working_set() == 20 + 10 + 2 * 40
+    assert pool.working_set() == 20 + 10 + 3 * 40
     assert pool.take(40) and pool.used == 70
     assert not pool.can_read_ahead(40) and pool.can_read_ahead(30)
     assert not pool.give(owner, "b", {}, 40)  # no room beyond the working set to keep it
@@ -379,15 +379,15 @@ def test_interrupted_run_writes_nothing(pytester, private_inputs, monkeypatch):
     import harness.forward.stream as stream
 
     reads = {"count": 0}
-    real = stream.read_tensor
+    real = stream.read_into
 
-    def interrupted(checkpoint, name):
+    def interrupted(checkpoint, name, target):
         reads["count"] += 1
         if reads["count"] == 40:
             raise KeyboardInterrupt
-        return real(checkpoint, name)
+        return real(checkpoint, name, target)
 
-    monkeypatch.setattr(stream, "read_tensor", interrupted)
+    monkeypatch.setattr(stream, "read_into", interrupted)
     result = _run_behaviour(pytester, private_inputs, monkeypatch, "--merge-memory", "4MiB",
                             no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED

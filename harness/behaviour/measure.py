@@ -238,40 +238,47 @@ def tolerance(ctx: Context) -> Tolerance:
     rounding noise in the compare dtype; zero in an upcast comparison, where A is R) and the
     twin's, a correct merge of A stored in the stored dtype. The twin carries the one rounding
     A never does, that of the merged weights themselves: with an adapter much larger than the
-    weights it merges into, that rounding can exceed A's compute noise even in fp32.
+    weights it merges into, that rounding can exceed A's compute noise even in fp32. (The
+    equivalence search measures R's and A's calibration outputs in its first pass, beside its
+    first probes: :meth:`Comparer.measure_all`.)
     """
 
     def measure() -> Tolerance:
         s = setup(ctx)
-        probabilistic = s.task in _PROBABILISTIC
         calibration = s.space.calibration_probe()
         ref = outputs(reference_model(ctx), calibration, s.task, s.space)
-        twin = deviation(
-            outputs(twin_model(ctx), calibration, s.task, s.space), ref, probabilistic
-        )
-        noises = [twin]
-        source = f"a correct merge stored in {s.stored} (the twin)"
-        if not s.upcast:
-            adapter = outputs(adapter_model(ctx), calibration, s.task, s.space)
-            noises.append(deviation(adapter, ref, probabilistic))
-            source = f"the larger of the adapter model's and {source}'s"
-        source += " deviation on the calibration probe"
-
-        def largest(values: list[float]) -> float:
-            finite = [v for v in values if math.isfinite(v)]
-            return max(finite, default=0.0)
-
-        return Tolerance(
-            C_MAX,
-            C_MEAN,
-            largest([n.max_abs for n in noises]),
-            largest([n.mean_abs for n in noises]),
-            2.0 ** -MANTISSA_BITS[s.compare],
-            source,
-        )
+        adapter = None if s.upcast else outputs(adapter_model(ctx), calibration, s.task, s.space)
+        return calibrated(ctx, ref, adapter)
 
     result: Tolerance = ctx.memo(TOLERANCE, measure)
     return result
+
+
+def calibrated(ctx: Context, ref: torch.Tensor, adapter: torch.Tensor | None) -> Tolerance:
+    """The tolerance from R's and A's outputs on the calibration probe (the twin runs here)."""
+    s = setup(ctx)
+    probabilistic = s.task in _PROBABILISTIC
+    calibration = s.space.calibration_probe()
+    twin = deviation(outputs(twin_model(ctx), calibration, s.task, s.space), ref, probabilistic)
+    noises = [twin]
+    source = f"a correct merge stored in {s.stored} (the twin)"
+    if adapter is not None:
+        noises.append(deviation(adapter, ref, probabilistic))
+        source = f"the larger of the adapter model's and {source}'s"
+    source += " deviation on the calibration probe"
+
+    def largest(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return max(finite, default=0.0)
+
+    return Tolerance(
+        C_MAX,
+        C_MEAN,
+        largest([n.max_abs for n in noises]),
+        largest([n.mean_abs for n in noises]),
+        2.0 ** -MANTISSA_BITS[s.compare],
+        source,
+    )
 
 
 class Comparer:
@@ -290,8 +297,12 @@ class Comparer:
         self.reference = reference_model(ctx)
         self.probabilistic = self.setup.task in _PROBABILISTIC
         self.calibration = self.setup.space.calibration_probe()
-        self.tolerance = tolerance(ctx)
         self.seen: dict[ProbeInput, Figures] = {}
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The calibrated tolerance (measured by its own passes if no search measured it)."""
+        return tolerance(self.ctx)
 
     def run(self, model: StreamedModel, probe: ProbeInput) -> torch.Tensor:
         """One model's outputs on ``probe`` (float64, non-padded positions)."""
@@ -311,10 +322,21 @@ class Comparer:
 
         todo = list(dict.fromkeys(p for p in probes if p not in self.seen))
         if todo:
-            refs = [r.to(torch.float64) for r in self.run_all(self.reference, todo)]
-            merged = self.run_all(self.merged, todo)
+            # the first pass of R and A also measures the calibration probe, if not done yet
+            calibrate = not self.ctx.known(TOLERANCE)
+            extra = [self.calibration] if calibrate else []
+            refs = [r.to(torch.float64) for r in self.run_all(self.reference, extra + todo)]
             # A is R in an upcast comparison: its deviation is zero without a second pass
-            adapter = refs if self.adapter is self.reference else self.run_all(self.adapter, todo)
+            upcast = self.adapter is self.reference
+            adapter = refs if upcast else self.run_all(self.adapter, extra + todo)
+            if calibrate:
+                ref_c, refs = refs[0], refs[1:]
+                adapter_c, adapter = adapter[0], adapter[1:]
+                self.ctx.seed(
+                    TOLERANCE,
+                    calibrated(self.ctx, ref_c, None if upcast else adapter_c.to(torch.float64)),
+                )
+            merged = self.run_all(self.merged, todo)
             judged = [
                 self._judge(p, r, m, a)
                 for p, r, m, a in zip(todo, refs, merged, adapter, strict=True)

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 PROBE_BATCH = 2
 PROBE_LENGTH = 32
 #: Most probes measured in one pass of a model: bounds the activations held back in the budget
-#: (16 probes of 2 x 32 tokens: 1024 tokens).
-PROBES_PER_PASS = 16
+#: (20 probes of up to 2 x 32 tokens, and the calibration probe: 1344 tokens).
+PROBES_PER_PASS = 20
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,8 @@ def load_tokenizer(settings: Settings) -> Any:
 def pool(ctx: Context) -> Pool:
     """The memory budget every streamed model of this run shares (``--merge-memory``).
 
-    Activations of the largest pass the checks make (``PROBES_PER_PASS`` probes, in the widest
-    dtype a model runs in) are held back from the start.
+    Activations of the largest pass the checks make (up to ``PROBES_PER_PASS`` probes and the
+    calibration probe, in the widest dtype a model runs in) are held back from the start.
     """
 
     def create() -> Pool:
@@ -208,9 +208,9 @@ def pool(ctx: Context) -> Pool:
         config = read_config(merged) if merged is not None else {}
         itemsize = max(ITEMSIZE[s.compare], ITEMSIZE[s.reference])
         made = Pool(s.device, requested=ctx.settings.memory)
-        made.set_reserve(
-            activation_bytes(config, PROBES_PER_PASS * PROBE_BATCH, PROBE_LENGTH, itemsize)
-        )
+        # a search pass: its probes and the calibration probe (generation's passes are smaller)
+        rows = (min(ctx.settings.examples, PROBES_PER_PASS) + 1) * PROBE_BATCH
+        made.set_reserve(activation_bytes(config, rows, PROBE_LENGTH, itemsize))
         return made
 
     return ctx.memo(POOL, create)

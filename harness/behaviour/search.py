@@ -2,9 +2,13 @@
 
 A hypothesis example is a *list* of probes, measured in one forward pass per model (one read
 of each model's weights, ``Comparer.measure_all``); the example fails when any of its probes
-does. The generate phase measures probes until ``--merge-examples`` of them have been measured
-(the last list is cut to fit). On a failure hypothesis shrinks the list (dropping probes) and the
-probes in it, each step one pass; the smallest failing probe of the minimal list is reported.
+does. Lists have a fixed size, ``min(--merge-examples, PROBES_PER_PASS)``: hypothesis' first
+example is its simplest (every probe one token ``0``: one probe once repeated ones are
+merged), the next ones are random, so the default 20 probes take two passes. The generate
+phase measures probes until ``--merge-examples`` of them have been measured (the last list is
+cut to fit). On a failure hypothesis shrinks the probes in the list; probes measured before
+cost nothing (``Comparer`` remembers them), so each step is one pass over the changed ones.
+The smallest failing probe of the minimal list is reported.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ def _size(probe: ProbeInput) -> tuple[int, int, int, int]:
 
 
 def batches(strategy: Any, examples: int) -> Any:
-    """The search's examples: lists of 1 to ``min(examples, PROBES_PER_PASS)`` probes."""
+    """The search's examples: lists of ``min(examples, PROBES_PER_PASS)`` probes."""
     from hypothesis import strategies as st
 
-    return st.lists(strategy, min_size=1, max_size=max(1, min(examples, PROBES_PER_PASS)))
+    size = max(1, min(examples, PROBES_PER_PASS))
+    return st.lists(strategy, min_size=size, max_size=size)
 
 
 def search(measure: Measure, strategy: Any, examples: int) -> Search:

@@ -5,7 +5,8 @@ the layers materialised now (the one running and the one read ahead), the layers
 passes (the cache), and a reserve for activations. A model is admitted only when its largest
 unit fits beside the resident tensors and the reserve; otherwise it is refused with the figures
 (:class:`MemoryRefusal`). Layers are kept after a pass while room remains beyond the working
-set (the largest unit twice: one running, one read ahead), first come first kept: a
+set (the largest unit three times: one running, one read ahead, one released and kept for
+reuse, ``forward.buffers``), first come first kept: a
 sequential pass over more layers than fit would evict every kept layer before reuse, so keeping
 a fixed share is what saves reads. The default budget grows to a model's working set when the
 available memory allows (``harness.memory.default_budget``).
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.forward.buffers import Recycler
 from harness.memory import default_budget, format_size, suggest_size
 
 
@@ -50,14 +52,23 @@ class Pool:
     )
     #: Bytes of units materialised now and not kept (running or read ahead).
     live: int = 0
+    #: Memory of released units, read into again by the next unit of the same shapes.
+    recycler: Recycler = field(default_factory=lambda: Recycler(0))
     _derived: int = 0
 
     # ---- the budget ---------------------------------------------------------------------
 
     def working_set(self) -> int:
-        """Resident tensors, the reserve, and room for the largest unit twice."""
-        largest = max((m.largest for m in self.members.values()), default=0)
-        return self.resident + self.reserve + 2 * largest
+        """Resident tensors, the reserve, and room for the largest unit three times.
+
+        Three: one running, one read ahead, and released memory kept for reuse.
+        """
+        return self.resident + self.reserve + 3 * self.largest
+
+    @property
+    def largest(self) -> int:
+        """Bytes of the largest unit of any live model."""
+        return max((m.largest for m in self.members.values()), default=0)
 
     @property
     def resident(self) -> int:
@@ -104,6 +115,7 @@ class Pool:
         floor = self.resident + self.reserve + largest
         if floor > self.budget:
             del self.members[id(owner)]
+            self.recycler.limit = self.largest
             raise MemoryRefusal(
                 f"{label}: one unit ({name or 'the model'}) needs {format_size(largest)}, beside"
                 f" {format_size(self.resident + resident)} of resident adapter weights and a"
@@ -116,6 +128,7 @@ class Pool:
                 )
                 + f"; pass --merge-memory {suggest_size(floor * 1.1)} or more"
             )
+        self.recycler.limit = self.largest
         self.trim()
 
     def leave(self, owner: Any) -> None:
@@ -123,6 +136,9 @@ class Pool:
         self.members.pop(id(owner), None)
         for key in [k for k in self.cache if k[0] == id(owner)]:
             del self.cache[key]
+        if not self.members:
+            self.recycler.clear()
+        self.recycler.limit = self.largest
 
     def set_reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` back for activations (the largest pass planned), dropping kept layers."""

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness.dtypes import to_torch
 from harness.errors import HarnessError
+from harness.forward.buffers import read_into
 from harness.forward.plan import WeightPlan, convert, read_tensor
 from harness.forward.pool import Pool
 from harness.forward.skeleton import Slot
@@ -197,8 +199,12 @@ class StreamedModel:
         del self._entered[unit.name]
         for slot in unit.slots:
             slot.module._parameters[slot.attr] = slot.meta
-        if state.fresh:
-            self.pool.give(self, unit.name, {"parameters": state.parameters}, state.nbytes)
+        if state.fresh and not self.pool.give(
+            self, unit.name, {"parameters": state.parameters}, state.nbytes
+        ):
+            # dropped: its memory is read into again by the next unit of the same shapes
+            for tensor in {id(p.data): p.data for p in state.parameters}.values():
+                self.pool.recycler.give(tensor)
 
     def _settle(self) -> None:
         """After a pass (or an error inside one): release what is still materialised."""
@@ -271,7 +277,7 @@ class StreamedModel:
         if recipe.converter is None:
             source = recipe.sources[0]
             if source not in read:
-                read[source] = read_tensor(self.checkpoint, source)
+                read[source] = self._read(source, slot.meta.dtype)
                 self.traffic.bytes_read += self.checkpoint.tensors[source].nbytes
             stored = read[source]
         else:
@@ -282,6 +288,25 @@ class StreamedModel:
                 )
             stored = made[slot.name]
         return stored.to(device=self.device, dtype=slot.meta.dtype)
+
+    def _read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Stored tensor ``name`` in ``dtype`` on the device, in recycled memory."""
+        import torch
+
+        info = self.checkpoint.tensors[name]
+        stored = to_torch(info.dtype)
+        recycler = self.pool.recycler
+        with torch.inference_mode(False), torch.no_grad():
+            if stored == dtype and self.device.type == "cpu":
+                target = recycler.take(info.shape, dtype, self.device)
+                read_into(self.checkpoint, name, target)
+                return target
+            staging = recycler.take(info.shape, stored, "cpu")
+            read_into(self.checkpoint, name, staging)
+            target = recycler.take(info.shape, dtype, self.device)
+            target.copy_(staging)
+            recycler.give(staging)
+            return target
 
     def _place(self) -> None:
         """Resident parameters and buffers on the device (the skeleton made them on the CPU)."""
