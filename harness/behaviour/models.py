@@ -31,13 +31,12 @@ from harness.behaviour.twin import merge_unit, round_saved
 from harness.dtypes import ITEMSIZE, MANTISSA_BITS, to_torch
 from harness.errors import HarnessError
 from harness.evals.tokenizer import TOKENIZER_FILES
+from harness.forward.build import Recipe, build_streamed
 from harness.forward.compute import default_compute
-from harness.forward.plan import plan_weights
 from harness.forward.pool import Pool, activation_bytes
-from harness.forward.skeleton import attach_adapter, build_model, slots
 from harness.forward.stream import StreamedModel, Transform
 from harness.io.checkpoint import Checkpoint
-from harness.io.models import quiet, read_config, resolve_device, task_of
+from harness.io.models import quiet, read_config, task_of
 from harness.run.context import Context, Key
 from harness.run.settings import Settings
 
@@ -275,40 +274,25 @@ def _streamed(
 ) -> tuple[StreamedModel, dict[str, Any]]:
     """Build ``folder``'s model (with ``adapter`` by peft) streamed from ``checkpoint``."""
     s = setup(ctx)
-    resolve_device(s.device)
-    plain = build_model(
+    recipe = Recipe(
         folder,
-        s.task,
-        dtype=to_torch(dtype),
-        trust_remote_code=ctx.settings.trust_remote_code,
-        head=head,
-    )
-    owned = slots(plain)
-    plan = plan_weights(plain, checkpoint)
-    name = type(plain).__name__
-    if plan.mismatched:
-        shown = "; ".join(
-            f"{n}: stored {list(a)}, {name} needs {list(b)}" for n, a, b in plan.mismatched[:3]
-        )
-        raise HarnessError(
-            f"{folder}: transformers cannot load it as {name}: size mismatch ({shown})"
-        )
-    model = plain if adapter is None else attach_adapter(plain, adapter, s.device)
-    if transform is not None:
-        round_saved(model, to_torch(s.stored))
-    streamed = StreamedModel(
-        model,
-        plain,
-        owned,
-        plan,
         checkpoint,
+        s.task,
+        label,
+        trust_remote_code=ctx.settings.trust_remote_code,
+        head=head or {},
+        adapter=adapter,
+    )
+    stored = to_torch(s.stored)
+    return build_streamed(
+        recipe,
+        to_torch(dtype),
         device=s.device,
         pool=pool(ctx),
-        label=label,
         keep=keep,
         transform=transform,
+        prepare=None if transform is None else lambda model: round_saved(model, stored),
     )
-    return streamed, {"missing_keys": plan.missing, "unexpected_keys": plan.unexpected}
 
 
 def merged_loaded(ctx: Context) -> tuple[StreamedModel, dict[str, Any]]:

@@ -2,13 +2,14 @@
 
 A hypothesis example is a *list* of probes, measured in one forward pass per model (one read
 of each model's weights, ``Comparer.measure_all``); the example fails when any of its probes
-does. Lists have a fixed size, ``min(--merge-examples, PROBES_PER_PASS)``: hypothesis' first
-example is its simplest (every probe one token ``0``: one probe once repeated ones are
-merged), the next ones are random, so the default 20 probes take two passes. The generate
-phase measures probes until ``--merge-examples`` of them have been measured (the last list is
-cut to fit). On a failure hypothesis shrinks the probes in the list; probes measured before
-cost nothing (``Comparer`` remembers them), so each step is one pass over the changed ones.
-The smallest failing probe of the minimal list is reported.
+does. Lists have a fixed size, ``min(--merge-examples, PROBES_PER_PASS)``. The generate phase
+measures probes until ``--merge-examples`` of them have been measured (the last list is cut to
+fit), skipping lists that bring fewer than a quarter new probes: hypothesis' first examples are
+its simplest one (every probe one token ``0``) and near-copies of it, each worth one pass of
+every model for one new probe. So the default 20 probes take one pass per model. On a failure
+hypothesis shrinks the probes in the list; probes measured before cost nothing (``Comparer``
+remembers them), so each step is one pass over the changed ones. The smallest failing probe of
+the minimal list is reported.
 """
 
 from __future__ import annotations
@@ -104,10 +105,12 @@ def _search(measure: Measure, strategy: Any, examples: int) -> Search:
             # out of budget: only already-known failures count, so shrinking ends at once
             return any(p in failing for p in batch)
         if not failing:
-            # generating: measure new probes until ``examples`` of them are measured
+            # generating: measure new probes until ``examples`` of them are measured, skipping
+            # lists that are mostly repeats (hypothesis starts with its simplest example, every
+            # probe one token 0, and near-copies of it): a pass for one new probe is wasted
             fresh = [p for p in dict.fromkeys(batch) if p not in measured]
             room = examples - len(measured)
-            if room <= 0 and fresh:
+            if room <= 0 or len(fresh) < min(room, (len(batch) + 3) // 4):
                 return False
             batch = [p for p in batch if p in measured] + fresh[:room]
         if not batch:
