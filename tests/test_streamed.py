@@ -238,7 +238,7 @@ def test_budget_arithmetic():
     pool.set_reserve(10)
     owner = object()
     pool.admit(owner, "m", 20, [("a", 30), ("b", 40)], cache=True)
-    assert pool.working_set() == 20 + 10 + 3 * 40
+    assert pool.working_set() == 20 + 10 + 2 * 40
     assert pool.take(40) and pool.used == 70
     assert not pool.can_read_ahead(40) and pool.can_read_ahead(30)
     assert not pool.give(owner, "b", {}, 40)  # no room beyond the working set to keep it
@@ -261,7 +261,7 @@ def test_activation_reserve_grows_with_the_pass():
               "num_attention_heads": 32}
     small = activation_bytes(config, 2, 32)
     assert activation_bytes(config, 32, 32) == pytest.approx(16 * small, rel=0.01)
-    assert 0.4 * GIB < activation_bytes(config, 32, 32) < 0.6 * GIB  # 1024 tokens of a 7B
+    assert 0.5 * GIB < activation_bytes(config, 32, 32) < 0.7 * GIB  # 1024 tokens of a 7B
 
 
 def test_gpu_placement_and_budget_arithmetic_on_a_cpu(tiny_merge_factory, monkeypatch):
@@ -392,3 +392,36 @@ def test_interrupted_run_writes_nothing(pytester, private_inputs, monkeypatch):
                             no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert reads["count"] == 40
+
+
+# ---- the compute dtype ------------------------------------------------------------------------
+
+
+def test_compute_dtype_follows_the_cpu(tmp_path, monkeypatch):
+    from harness.forward import compute
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 avx512_bf16\n")
+    assert {"amx_bf16", "avx512_bf16", "avx512f"} <= compute.cpu_flags(info)
+    assert compute.cpu_flags(tmp_path / "absent") is None
+    cases = [
+        (frozenset({"avx2", "avx512f", "amx_bf16"}), "BF16"),  # Sapphire Rapids and later
+        (frozenset({"avx2", "avx512f", "avx512_bf16"}), "BF16"),  # Cooper Lake, Zen 4
+        (frozenset({"avx2", "avx512f", "avx512_vnni"}), "F32"),  # Skylake/Ice Lake Xeon
+        (frozenset({"avx2"}), "F32"),  # AVX2 only
+    ]
+    try:
+        for flags, expected in cases:
+            monkeypatch.setattr(compute, "cpu_flags", lambda cpuinfo=None, flags=flags: flags)
+            compute.native_bf16.cache_clear()
+            assert compute.default_compute("BF16", "cpu") == expected, flags
+            assert compute.default_compute("F16", "cpu") == "F32"
+            assert compute.default_compute("F32", "cpu") == "F32"
+            assert compute.default_compute("BF16", "cuda:0") == "BF16"
+            assert ("no native bf16" in compute.describe_cpu()) is (expected == "F32")
+        # unreadable flags: measured once, either way a valid choice
+        monkeypatch.setattr(compute, "cpu_flags", lambda cpuinfo=None: None)
+        compute.native_bf16.cache_clear()
+        assert compute.default_compute("BF16", "cpu") in ("BF16", "F32")
+    finally:
+        compute.native_bf16.cache_clear()

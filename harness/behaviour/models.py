@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harness.behaviour.probe import ProbeSpace
 from harness.behaviour.twin import merge_unit, round_saved
@@ -39,9 +39,6 @@ from harness.io.checkpoint import Checkpoint
 from harness.io.models import quiet, read_config, task_of
 from harness.run.context import Context, Key
 from harness.run.settings import Settings
-
-if TYPE_CHECKING:
-    import torch
 
 #: Largest probe drawn: rows and tokens per row. Two rows already put a padded row beside a
 #: longer one (the padding and mask paths); more rows only add forward-pass time.
@@ -414,8 +411,3 @@ def base_model(ctx: Context) -> StreamedModel:
     return ctx.memo(
         BASE, lambda: _streamed(ctx, base, ctx.base(), "the base model", s.adapter, head=s.head)[0]
     )
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a dtype code (re-exported for the checks)."""
-    return to_torch(code)

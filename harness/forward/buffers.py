@@ -11,6 +11,7 @@ through one reused staging tensor per shape.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from harness.io.checkpoint import Checkpoint
@@ -33,12 +34,16 @@ def read_into(checkpoint: Checkpoint, name: str, target: torch.Tensor) -> None:
 
 
 class Recycler:
-    """Idle tensors of released units, by shape, dtype and device, up to ``limit`` bytes."""
+    """Idle tensors of released units, by shape, dtype and device, up to ``limit`` bytes.
+
+    Over the limit the longest idle go first: the next unit to read is most like the one
+    released last (the layers of a model share their shapes; an embedding's do not).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        self._free: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._free: OrderedDict[int, tuple[tuple[Any, ...], torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> torch.Tensor:
@@ -47,27 +52,31 @@ class Recycler:
 
         key = (tuple(shape), dtype, str(device))
         with self._lock:
-            found = self._free.get(key)
-            if found:
-                tensor = found.pop()
-                self.held -= tensor.numel() * tensor.element_size()
-                return tensor
+            for ident, (held_key, tensor) in reversed(self._free.items()):
+                if held_key == key:
+                    del self._free[ident]
+                    self.held -= tensor.numel() * tensor.element_size()
+                    return tensor
         with torch.inference_mode(False):
             return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, tensor: torch.Tensor) -> None:
-        """Keep ``tensor`` for reuse if there is room.
+        """Keep ``tensor`` for reuse, dropping the longest idle beyond the limit.
 
         Tensors made in inference mode cannot be written outside it: they are left to be freed.
         """
         if tensor.is_inference() or not tensor.is_contiguous():
             return
         nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > self.limit:
+            return
         key = (tuple(tensor.shape), tensor.dtype, str(tensor.device))
         with self._lock:
-            if self.held + nbytes <= self.limit:
-                self._free.setdefault(key, []).append(tensor)
-                self.held += nbytes
+            self._free[id(tensor)] = (key, tensor)
+            self.held += nbytes
+            while self.held > self.limit:
+                _, (_, old) = self._free.popitem(last=False)
+                self.held -= old.numel() * old.element_size()
 
     def clear(self) -> None:
         """Drop every idle tensor."""

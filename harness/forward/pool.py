@@ -5,8 +5,8 @@ the layers materialised now (the one running and the one read ahead), the layers
 passes (the cache), and a reserve for activations. A model is admitted only when its largest
 unit fits beside the resident tensors and the reserve; otherwise it is refused with the figures
 (:class:`MemoryRefusal`). Layers are kept after a pass while room remains beyond the working
-set (the largest unit three times: one running, one read ahead, one released and kept for
-reuse, ``forward.buffers``), first come first kept: a
+set (the largest unit twice: one running, one read ahead into the memory of the unit released
+before, ``forward.buffers``), first come first kept: a
 sequential pass over more layers than fit would evict every kept layer before reuse, so keeping
 a fixed share is what saves reads. The default budget grows to a model's working set when the
 available memory allows (``harness.memory.default_budget``).
@@ -59,11 +59,13 @@ class Pool:
     # ---- the budget ---------------------------------------------------------------------
 
     def working_set(self) -> int:
-        """Resident tensors, the reserve, and room for the largest unit three times.
+        """Resident tensors, the reserve, and room for the largest unit twice.
 
-        Three: one running, one read ahead, and released memory kept for reuse.
+        Twice: one running and one read ahead. The memory of a released unit is kept for reuse
+        (``forward.buffers``) and taken by the next read-ahead, so in a pass over layers of one
+        size the two never hold more than two units between them.
         """
-        return self.resident + self.reserve + 3 * self.largest
+        return self.resident + self.reserve + 2 * self.largest
 
     @property
     def largest(self) -> int:
@@ -195,8 +197,8 @@ def activation_bytes(config: Any, rows: int, length: int, itemsize: int = 4) -> 
 
     Per token: the residual stream and about seven more hidden-sized tensors (norms, q/k/v,
     attention output), three intermediate-sized ones (the gated MLP), and the output logits
-    twice (the model's and the copy taken of the real positions); per row the attention scores
-    of one layer. ``config`` is a transformers config or a ``config.json`` dict (its text
+    three times (the model's, the copy taken of the real positions, and another model's outputs
+    kept for the comparison); per row the attention scores of one layer. ``config`` is a transformers config or a ``config.json`` dict (its text
     config is used).
     """
     if isinstance(config, dict):
@@ -218,6 +220,6 @@ def activation_bytes(config: Any, rows: int, length: int, itemsize: int = 4) -> 
     vocab = number("vocab_size", default=32000)
     heads = number("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads")
     tokens = rows * length
-    per_token = 8 * hidden + 3 * inter + 2 * vocab
+    per_token = 8 * hidden + 3 * inter + 3 * vocab
     scores = rows * max(heads, 1) * length * length
     return (tokens * per_token + scores) * itemsize
