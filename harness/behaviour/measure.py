@@ -53,9 +53,10 @@ C_MAX = 11.0
 C_MEAN = 9.0
 #: How the constants were obtained (printed in the details of every result).
 CALIBRATION = (
-    "C_MAX, C_MEAN: at least 1.5x the largest ratios seen on correct tiny merges (6 architectures;"
-    " fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save), each merge's probes measured"
-    " together in one streamed pass per model: 6.42, 2.89 on 4000 probes of 451 merges compared"
+    "C_MAX, C_MEAN: at least 1.5x the largest ratios seen on correct tiny merges (6"
+    " architectures; fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save), each"
+    " merge's probes measured together in one streamed pass per model: 6.42, 2.89 on 4000"
+    " probes of 451 merges compared"
     " in the stored dtype (benchmarks/behaviour_calibration.py --merges 400 --seed 1 --compare"
     " stored; the default for bf16 on CPUs with native bf16); 5.66, 3.44 on 1500 probes of 169"
     " merges in the fp32 CPU default (--merges 150 --probes 10 --seed 1)"
