@@ -198,8 +198,8 @@ def activation_bytes(config: Any, rows: int, length: int, itemsize: int = 4) -> 
     Per token: the residual stream and about seven more hidden-sized tensors (norms, q/k/v,
     attention output), three intermediate-sized ones (the gated MLP), and the output logits
     three times (the model's, the copy taken of the real positions, and another model's outputs
-    kept for the comparison); per row the attention scores of one layer. ``config`` is a transformers config or a ``config.json`` dict (its text
-    config is used).
+    kept for the comparison); per row the attention scores of one layer. ``config`` is a
+    transformers config or a ``config.json`` dict (its text config is used).
     """
     if isinstance(config, dict):
         text: Any = (
