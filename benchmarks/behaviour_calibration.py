@@ -6,10 +6,12 @@
 
 Draws merge cases with ``harness.strategies.merge_cases`` (tiny models, LoRA/rsLoRA/DoRA/patterns/
 modules_to_save, peft's merge and the streaming merger), builds each, and on hypothesis-drawn
-probes records how far the merged model M is from the reference R relative to the unmerged
-adapter model A, exactly as the check judges it (by default with the check's default comparison
-dtype: float32 on a CPU, where A is the reference and the floor is the twin's; ``--compare
-stored`` compares in each checkpoint's own dtype):
+probes, measured together in one streamed pass per model as the check measures them, records
+how far the merged model M is from the reference R relative to the unmerged adapter model A,
+exactly as the check judges it (by default with the check's default comparison dtype on this
+CPU: float32 without native bf16, where A is the reference and the floor is the twin's;
+``--compare stored`` compares in each checkpoint's own dtype, the default for bf16 checkpoints
+on CPUs with AMX or AVX512-BF16):
 
     max-ratio  = max|M-R|  / max(max|A-R|,  noise_max)
     mean-ratio = mean|M-R| / max(mean|A-R|, noise_mean)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         choices=("default", "stored"),
         default="default",
-        help="comparison dtype: the check's default, or the dtype each checkpoint stores",
+        help="comparison dtype: the check's default on this CPU (forward.compute), or the dtype"
+        " each checkpoint stores (the default where the CPU has native bf16)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -90,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         options = Settings(merged=built.merged, base=built.base, adapter=built.adapter, dtype=dtype)
         ctx = Context(options)
         comparer = behaviour.Comparer(ctx)
-        tol = comparer.tolerance
         rows = []
-        for _ in range(args.probes):
-            probe = data.draw(probes_for(comparer.setup.space))
-            f = comparer.measure(probe)
+        # every probe of a merge in one streamed pass per model, as the check measures them
+        probes = [data.draw(probes_for(comparer.setup.space)) for _ in range(args.probes)]
+        measured = comparer.measure_all(probes)
+        tol = comparer.tolerance
+        for f in measured:
             r_max = _ratio(f.merged.max_abs, max(f.noise.max_abs, tol.noise_max))
             r_mean = _ratio(f.merged.mean_abs, max(f.noise.mean_abs, tol.noise_mean))
             rows.append((r_max, r_mean, f.ok))

@@ -14,6 +14,8 @@ Contenders, each a child process measured alone (wall time, peak RSS from ``wait
               CPUs that have it; Python's ``hashlib``, which the harness uses, does)
   (c) harness ``pytest --merge-checks structure,weights,hash`` in an empty folder
   (d) suite   the default suite without lm-eval (every family but ``benchmark``)
+  (d0)        the same suite with the harness in ``--baseline-src DIR`` (another commit, e.g.
+              ``git worktree add /tmp/harness-baseline <commit>``), alternating with (d)
 
 The page cache is put in the same state before every contender: ``--cache cold`` (default where
 ``/proc/sys/vm/drop_caches`` is writable: ``sync; echo 3 > /proc/sys/vm/drop_caches``) or
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -68,6 +71,7 @@ LABELS = {
     "b2": "(b2) openssl dgst -sha256 base+merged",
     "c": "(c) harness structure,weights,hash",
     "d": "(d) harness default suite (no lm-eval)",
+    "d0": "(d0) default suite, --baseline-src harness",
 }
 #: Families of (c), as issue 9 names them.
 CORE_FAMILIES = ("structure", "weights", "hash")
@@ -85,6 +89,11 @@ TARGETS = {  # (numerator, denominator, quantity, limit), issue 9 and issue 5, o
     "c/a-load-only wall (extra)": ("c", "a", "load_s", 0.8),
 }
 MEMORY_RATIO_LIMIT = 1.3
+#: Issue 16 (forward passes in bounded memory): (d)'s peak RSS per preset, (d) against the
+#: baseline commit's (d0) wall time, and (d)'s peak RSS at the largest preset over the smallest.
+SUITE_RSS_LIMITS = {"1.1b": 3.5 * GiB, "7b": 6 * GiB}
+SUITE_WALL_LIMITS = {"7b": 30 * 60.0}
+SUITE_MEMORY_RATIO_LIMIT = 1.5
 
 
 def known_families() -> list[str]:
@@ -158,12 +167,16 @@ def run_one(key: str, info: dict[str, Any], args: argparse.Namespace, limit: int
         command = pytest_command(info, core, junit, args.pytest_args)
     else:
         command = pytest_command(info, default, junit, args.pytest_args)
+    if key == "d0":
+        if args.baseline_src is None:
+            raise SystemExit("(d0) needs --baseline-src DIR")
+        env = dict(env, PYTHONPATH=str(args.baseline_src.resolve()))
     prepare_cache(args.cache, files + adapter_files)
     result = measure(LABELS[key], command, cwd=work, env=env, mem_limit=limit,
                      timeout=args.timeout)
     if key == "a" and result.ok:
         result.extra.update(naive_figures(result.output_tail))
-    if key in ("c", "d"):
+    if key in ("c", "d", "d0"):
         result.extra["check_seconds"] = junit_times(junit)
         result.extra["family_seconds"] = family_totals(result.extra["check_seconds"])
     shutil.rmtree(work, ignore_errors=True)
@@ -206,7 +219,11 @@ def run_preset(preset: str, args: argparse.Namespace, limit: int) -> dict[str, A
             print(f"   {LABELS[key]}: {result.note}", flush=True)
             continue
         print(f"   {LABELS[key]}: {result.wall_s:.1f} s, peak RSS {gib(result.peak_rss_bytes)}"
-              f" GiB, CPU {result.cpu_s:.1f} s, {status}", flush=True)
+              f" GiB, CPU {result.cpu_s:.1f} s, {status}, load {os.getloadavg()[0]:.2f}",
+              flush=True)
+        result.extra["loadavg_after"] = list(os.getloadavg())
+        if "family_seconds" in result.extra:
+            print(f"      families: {result.extra['family_seconds']}", flush=True)
         stamps = result.extra.get("stamps")
         if stamps:
             print(f"      imports {stamps['import']:.1f} s, base+adapter loaded at"
@@ -263,6 +280,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         summary["ratios"][run["preset"]] = got
     print()
     print(table(["preset", "ratio", "value", "target (1.1B)", "verdict"], ratio_rows))
+    summary["suite"] = suite_targets(runs)
     peaks = {run["preset"]: run["_measurements"]["c"].peak_rss_bytes for run in runs
              if "c" in run["_measurements"] and run["_measurements"]["c"].ok}
     if len(peaks) >= 2:
@@ -278,12 +296,52 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def suite_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 16's figures of (d): peak RSS and wall per preset, against (d0), and flatness."""
+    rows, got = [], {}
+    for run in runs:
+        m = run["_measurements"]
+        d, d0 = m.get("d"), m.get("d0")
+        if d is None or not d.ran:
+            continue
+        preset = run["preset"]
+        rss, limit = d.peak_rss_bytes, SUITE_RSS_LIMITS.get(preset)
+        got[preset] = {"peak_rss_bytes": rss, "wall_s": d.wall_s, "ok": d.ok}
+        if limit is not None and rss is not None:
+            rows.append([preset, "(d) peak RSS GiB", gib(rss), f"<= {limit / GiB:g}",
+                         "met" if rss <= limit and d.ok else "MISSED"])
+        wall_limit = SUITE_WALL_LIMITS.get(preset)
+        if wall_limit is not None and d.wall_s is not None:
+            rows.append([preset, "(d) wall s", f"{d.wall_s:.0f}", f"<= {wall_limit:.0f}",
+                         "met" if d.wall_s <= wall_limit and d.ok else "MISSED"])
+        if d0 is not None and d0.ok and d.ok and d.wall_s and d0.wall_s:
+            value = d.wall_s / d0.wall_s
+            got[preset]["d/d0 wall"] = value
+            rows.append([preset, "(d)/(d0) wall", f"{value:.2f}", "<= 1",
+                         "met" if value <= 1 else "MISSED"])
+            got[preset]["d/d0 peak RSS"] = (d.peak_rss_bytes or 0) / (d0.peak_rss_bytes or 1)
+    ordered = sorted((p for p in got if got[p]["ok"]), key=lambda p: PRESETS[p].parameters)
+    if len(ordered) >= 2:
+        small, large = ordered[0], ordered[-1]
+        value = got[large]["peak_rss_bytes"] / got[small]["peak_rss_bytes"]
+        got["memory_flatness"] = {"small": small, "large": large, "value": value}
+        rows.append([f"{large}/{small}", "(d) peak RSS ratio", f"{value:.2f}",
+                     f"<= {SUITE_MEMORY_RATIO_LIMIT}",
+                     "met" if value <= SUITE_MEMORY_RATIO_LIMIT else "MISSED"])
+    if rows:
+        print()
+        print(table(["preset", "default suite (issue 16)", "value", "target", "verdict"], rows))
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), nargs="+", default=["0.1b"])
     parser.add_argument("--root", type=Path, default=generate.DEFAULT_ROOT,
                         help="cache folder of generated models (default: %(default)s)")
+    parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                        help="contender (d0): the default suite with the harness package in DIR")
     parser.add_argument("--harness-src", type=Path, default=None, metavar="DIR",
                         help="measure the harness package in DIR (a snapshot: git archive"
                         " COMMIT harness | tar -x -C DIR) instead of the installed one")
@@ -305,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per contender, round-robin; the median wall time is reported"
                         " with the largest peak RSS (default: %(default)s)")
-    parser.add_argument("--once", default="d",
+    parser.add_argument("--once", default="d,d0",
                         help="contenders run only once even with --repeat (default: %(default)s)")
     parser.add_argument("--pytest-args", default="",
                         help="extra arguments for the pytest runs of (c) and (d), one string")

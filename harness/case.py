@@ -100,16 +100,20 @@ class MergeCase:
         return probes_for(self.probe_space(), min_length=min_length, max_length=max_length)
 
     def merged_model(self) -> Any:
-        """The merged model, loaded from its folder as a user would (cached)."""
-        return models.merged_model(self.context())
+        """The merged model, built from its folder as a user loads it (cached).
+
+        Its layers are read from the checkpoint while it runs (``harness.forward``): call it as
+        any transformers model; its parameters hold weights only during a forward pass.
+        """
+        return models.merged_model(self.context()).model
 
     def adapter_model(self) -> Any:
-        """The unmerged adapter model, ``PeftModel`` on the base (cached)."""
-        return models.adapter_model(self.context())
+        """The unmerged adapter model, ``PeftModel`` on the base (cached, streamed likewise)."""
+        return models.adapter_model(self.context()).model
 
     def base_model(self) -> Any:
-        """The base model without the adapter (cached)."""
-        return models.base_model(self.context())
+        """The base model without the adapter (cached, streamed likewise)."""
+        return models.base_model(self.context()).model
 
     def measure(self, probe: ProbeInput) -> Figures:
         """Compare merged and unmerged models against the reference on ``probe``.

@@ -16,10 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file, save_file
 from support.faults import DTYPE_ROTATION, FAULTS, inject, retie
 
-from harness.behaviour import models as behaviour_models
+from harness.behaviour.batch import outputs
 from harness.behaviour.measure import C_MAX
-from harness.behaviour.models import adapter_model
-from harness.behaviour.twin import build_twin
+from harness.behaviour.models import adapter_model, built_models, setup, twin_model
 from harness.case import MergeCase
 from harness.checks import behaviour
 from harness.run.result import CheckResult, Outcome
@@ -413,21 +412,20 @@ def test_config_without_vocabulary_is_a_one_line_failure(tiny_merge_factory, tmp
     assert "internal error" not in result.message
 
 
-def test_models_that_cannot_fit_are_refused_before_loading(monkeypatch, tiny_merge_factory):
-    # the tiny models fit anywhere: demand a working margin no machine has
-    monkeypatch.setattr(behaviour_models, "MEMORY_HEADROOM", 1e12)
+def test_models_that_cannot_fit_are_refused_before_reading(tiny_merge_factory):
+    # the tiny models fit anywhere: give a budget smaller than one of their layers
     case = tiny_merge_factory(arch="llama", dtype="BF16")
-    fresh = MergeCase(case.merged, case.base, case.adapter)
+    fresh = MergeCase(case.merged, case.base, case.adapter, None, Settings(memory=4096))
     try:
         ctx = fresh.context()
-        for name, models in (("loads", "M"), ("equivalence", "M + A + the twin")):
+        for name in ("loads", "equivalence", "generation"):
             result = run_check(CHECKS[name], ctx)
             assert result.outcome is Outcome.SKIPPED, explain(result)
-            assert f"holding {models} (" in result.message and "GiB is available" in result.message
-            assert "\n" not in result.message
-        # nothing was loaded
-        loaded = (behaviour_models.MERGED, behaviour_models.ADAPTER, behaviour_models.TWIN)
-        assert not any(ctx.known(key) for key in loaded)
+            assert result.message.startswith("the merged model: one unit (model."), result.message
+            assert "> 4 KiB memory budget (--merge-memory)" in result.message, result.message
+            assert "pass --merge-memory" in result.message and "\n" not in result.message
+        # nothing was read: the refusal comes from the shapes, before any layer
+        assert built_models(ctx) == []
     finally:
         fresh.release()
 
@@ -449,24 +447,28 @@ def test_available_memory_reads_the_kernel_figure(tmp_path):
 def test_twin_is_a_correct_merge_and_leaves_the_adapter_model_alone(lora, tiny_merge_factory):
     import copy
 
+    from harness.io.models import load_peft
+
     arch = "gpt2" if lora.get("fan_in_fan_out") else "llama"
     case = tiny_merge_factory(arch=arch, dtype="F32", scale=0.05, **lora)
     fresh = MergeCase(case.merged, case.base, case.adapter)
     try:
-        adapter = adapter_model(fresh.context())
-        before = {k: v.clone() for k, v in adapter.state_dict().items()}
-        twin = build_twin(adapter, torch.float32)
-        after = adapter.state_dict()
-        assert before.keys() == after.keys()
-        assert all(torch.equal(before[k], after[k]) for k in before)  # A untouched
-        # the fused merge is peft's merge up to fp32 rounding of the sum
-        expected = copy.deepcopy(adapter).merge_and_unload().state_dict()
-        got = twin.state_dict()
-        assert expected.keys() == got.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7, msg=name)
-        base = load_file(case.base / "model.safetensors")
-        changed = [k for k in got if k in base and not torch.equal(got[k], base[k].float())]
-        assert changed  # the adapter did move weights: the comparison above is not vacuous
+        ctx = fresh.context()
+        s = setup(ctx)
+        probe = s.space.calibration_probe()
+        before = outputs(adapter_model(ctx), probe, s.task, s.space)
+        twin = outputs(twin_model(ctx), probe, s.task, s.space)
+        after = outputs(adapter_model(ctx), probe, s.task, s.space)
+        assert torch.equal(before, after)  # A untouched by the twin's merges
+        # the per-layer merge is peft's whole-model merge up to fp32 rounding of the sum
+        whole = load_peft(case.base, case.adapter, "CAUSAL_LM", dtype=torch.float32)
+        merged = copy.deepcopy(whole).merge_and_unload()
+        with torch.no_grad():
+            tensors = probe.tensors()
+            expected = merged(**tensors).logits[tensors["attention_mask"].bool()].double()
+            unmerged = whole(**tensors).logits[tensors["attention_mask"].bool()].double()
+        torch.testing.assert_close(twin, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(before, unmerged, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(twin, before)  # the twin computed through merged weights
     finally:
         fresh.release()

@@ -275,3 +275,46 @@ def test_perplexity_gate_fails_when_the_adapter_was_not_applied(tiny_llama, tmp_
     result = run_perplexity(_perplexity_context(tiny_llama, tmp_path, merged=tiny_llama.base))
     assert result.outcome is Outcome.FAILED, result.message
     assert "outside [0.9901, 1.01]" in result.message
+
+
+def test_perplexity_streams_within_the_budget(tiny_llama, tmp_path):
+    """A budget of a few layers: the same figures, the windows split over several passes."""
+    roomy = run_perplexity(_perplexity_context(tiny_llama, tmp_path))
+    tight_ctx = _perplexity_context(tiny_llama, tmp_path)
+    tight_ctx.settings = dataclasses.replace(tight_ctx.settings, memory=2 * 1024 * 1024)
+    tight = run_perplexity(tight_ctx)
+    assert tight.outcome is roomy.outcome is Outcome.PASSED
+    assert tight.metrics["perplexity"] == pytest.approx(roomy.metrics["perplexity"], rel=1e-6)
+    from harness.evals.perplexity import rows_per_pass
+    from harness.io.models import read_config
+
+    assert rows_per_pass(read_config(tiny_llama.merged), 128, 24, 2 * 1024 * 1024) < 24
+    refused_ctx = _perplexity_context(tiny_llama, tmp_path)
+    refused_ctx.settings = dataclasses.replace(refused_ctx.settings, memory=4096)
+    refused = run_perplexity(refused_ctx)
+    assert refused.outcome is Outcome.SKIPPED and "memory budget" in refused.message
+
+
+def test_lm_eval_gets_the_budget_through_its_loading_arguments(evaluated, tiny_llama, prefer_task):
+    """Beyond the budget, lm-eval's own big-model path: accelerate places what fits, offloads
+    the rest to a private folder; the answers are the same. The unmerged adapter model cannot
+    go that way in lm-eval (peft on an offloaded base) and is refused with the reason."""
+    from harness.evals.lm_eval import model_args
+    from harness.evals.tokenizer import scratch_dir
+    from harness.forward.pool import MemoryRefusal
+
+    table = _bench(prefer_task, {"acc": {"max_drop": 0.1}})
+    ctx = _context(tiny_llama, table, prefer_task / "gate.toml", memory=40 * 1024)
+    tokenizer = scratch_dir(ctx) / "tok"
+    args = model_args(ctx, "merged", tokenizer)
+    assert args["parallelize"] is True and args["max_cpu_memory"] == 40 * 1024
+    assert Path(args["offload_folder"]).parent == scratch_dir(ctx)
+    with pytest.raises(MemoryRefusal, match="peft cannot load an adapter onto"):
+        model_args(ctx, "adapter", tokenizer)
+    assert "parallelize" not in model_args(evaluated, "merged", tokenizer)  # it fits: whole
+    budgeted = run_lm_eval(ctx, "merged")["prefer"]["acc,none"]
+    assert budgeted.samples == run_lm_eval(evaluated, "merged")["prefer"]["acc,none"].samples
+    skipped = run_metric("prefer", "acc", _context(tiny_llama, _bench(
+        prefer_task, {"acc": {"max_adapter_diff": 0.1}}), prefer_task / "gate.toml",
+        memory=40 * 1024))
+    assert skipped.outcome is Outcome.SKIPPED and "memory budget" in skipped.message

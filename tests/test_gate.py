@@ -101,6 +101,7 @@ FILE_VALUES = {
     "timeout": ("timeout = 5", None),
     "device": ("device = 'cuda'", "cpu"),
     "dtype": ("dtype = 'bf16'", None),
+    "memory": ("memory = '1GiB'", None),
 }
 
 
@@ -113,7 +114,7 @@ def test_command_line_equal_to_the_default_beats_the_file(pytester, tiny_llama, 
     """An explicit flag wins over the configuration file, even when it repeats the default."""
     line, flag_value = FILE_VALUES[knob.name]
     if flag_value is None:  # no default to repeat: any explicit value must win
-        flag_value = {"timeout": "600", "dtype": "fp32"}[knob.name]
+        flag_value = {"timeout": "600", "dtype": "fp32", "memory": "3GiB"}[knob.name]
     pytester.makefile(".toml", **{"merge-harness": line + "\n"})
     pytester.makeconftest(
         f"""

@@ -1,25 +1,32 @@
-"""Greedy decoding: the prompts, a cached decoder, and where two decodings part ways.
+"""Greedy decoding: the prompts, lockstep decoding of all of them, and where decodings part ways.
 
-The generation check decodes with the merged model as a user's ``generate()`` would, token by
-token with its cache, and checks the unmerged adapter model teacher-forced on the same tokens.
-A divergence is tolerated only where the reference's two candidate logits are within the
+The generation check decodes every prompt at once with the merged model, token by token with
+its cache as a user's batched ``generate()`` does (prompts left-padded, position ids counted
+from each prompt's first token), so each step is one read of the model's weights for all
+prompts. The unmerged adapter model is then run teacher-forced on the same tokens in one pass.
+An encoder-decoder model encodes the prompts once and decodes from its decoder start token. A
+divergence is tolerated only where the reference's two candidate logits are within the
 rounding-noise allowance of each other (a near-tie that any correct merge may break either way).
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from harness.behaviour.measure import Tolerance, compute_threads
+from harness.behaviour.batch import SEQ2SEQ, compute_threads
+from harness.behaviour.measure import Tolerance
 from harness.behaviour.models import PROBE_LENGTH, load_tokenizer
 from harness.behaviour.probe import ProbeSpace
 from harness.run.settings import Settings
 
 if TYPE_CHECKING:
     import torch
+
+    from harness.forward.stream import StreamedModel
 
 #: Greedy decoding: new tokens per prompt, prompts, and the texts used when a tokenizer loads.
 GENERATE_TOKENS = 16
@@ -52,43 +59,168 @@ def prompts(settings: Settings, space: ProbeSpace) -> list[list[int]]:
     return [[rng.randrange(space.vocab_size) for _ in range(8)] for _ in PROMPT_TEXTS]
 
 
-class Greedy:
-    """Greedy decoding of one model, a token at a time, with its KV cache.
+@dataclass(frozen=True)
+class Rows:
+    """Rows of token ids left-padded to one length, with their mask and position ids."""
 
-    ``logits`` holds the next-token logits (float64, on the CPU). Models that return no cache
-    are run on the whole sequence at every step instead.
-    """
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
 
-    def __init__(self, model: Any, prompt: list[int], device: str) -> None:
-        self.model = model
-        self.device = device
-        self.ids = list(prompt)
-        #: the cache and the keyword it goes back in under (``cache`` in transformers 5,
-        #: ``past_key_values`` before)
-        self.past: Any = None
-        self.past_key = "cache"
-        self.logits = self._forward(self.ids)
-
-    def _forward(self, ids: list[int]) -> torch.Tensor:
+    @classmethod
+    def left_padded(cls, rows: Sequence[Sequence[int]], pad: int, device: Any) -> Rows:
+        """Left-pad ``rows``; positions count from each row's first real token (as generate)."""
         import torch
 
-        kwargs: dict[str, Any] = {} if self.past is None else {self.past_key: self.past}
-        with torch.inference_mode(), compute_threads(self.model):
-            tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=tensor, use_cache=True, **kwargs)
-        self.past = None
-        for key in ("cache", "past_key_values"):
-            if getattr(out, key, None) is not None:
-                self.past, self.past_key = getattr(out, key), key
-                break
-        # (1, length, vocab) -> the last position's (vocab,)
-        logits: torch.Tensor = out.logits[0, -1].detach().to(torch.float64).cpu()
-        return logits
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        return cls(ids.to(device), mask.to(device), positions.to(device))
 
-    def push(self, token: int) -> None:
-        """Append ``token`` and compute the next logits."""
-        self.ids.append(token)
-        self.logits = self._forward([token] if self.past is not None else self.ids)
+
+def _takes(model: StreamedModel, name: str) -> bool:
+    return name in inspect.signature(model.plain.forward).parameters
+
+
+def _call(model: StreamedModel, **kwargs: Any) -> Any:
+    import torch
+
+    with torch.inference_mode(), compute_threads(model):
+        return model(**kwargs)
+
+
+def _past(model: StreamedModel, out: Any) -> tuple[str, Any] | None:
+    """The cache a forward pass returned and the keyword it goes back in under.
+
+    ``cache`` in transformers 5 (which still accepts, with a warning, ``past_key_values``),
+    ``past_key_values`` before.
+    """
+    for key in ("cache", "past_key_values"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return ("cache" if _takes(model, "cache") else "past_key_values"), value
+    return None
+
+
+def decode(
+    model: StreamedModel, prompts: Sequence[Sequence[int]], steps: int, pad: int, task: str
+) -> list[list[int]]:
+    """Greedy tokens of every prompt, decoded in lockstep: one pass of ``model`` per step."""
+    import torch
+
+    device = model.device
+    rows = Rows.left_padded(prompts, pad, device)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    kwargs = _first_inputs(model, rows, task)
+    for step in range(steps):
+        out = _call(model, **kwargs)
+        # (rows, length, vocab) -> each row's next token
+        picks = torch.argmax(out.logits[:, -1].float(), dim=-1).tolist()
+        for row, token in zip(tokens, picks, strict=True):
+            row.append(int(token))
+        if step + 1 == steps:
+            break
+        kwargs = _next_inputs(model, rows, tokens, out, kwargs, task)
+    return tokens
+
+
+def _first_inputs(model: StreamedModel, rows: Rows, task: str) -> dict[str, Any]:
+    import torch
+
+    if task in SEQ2SEQ:
+        start = model.plain.config.decoder_start_token_id
+        start = 0 if start is None else int(start)
+        decoder = torch.full((rows.ids.shape[0], 1), start, dtype=torch.long, device=model.device)
+        # the encoder runs once, as generate() runs it, and every step reuses its output
+        with torch.inference_mode(), compute_threads(model):
+            encoded = model.invoke(
+                model.plain.get_encoder(), input_ids=rows.ids, attention_mask=rows.mask
+            )
+        return {
+            "attention_mask": rows.mask,
+            "encoder_outputs": encoded,
+            "decoder_input_ids": decoder,
+            "use_cache": True,
+        }
+    kwargs: dict[str, Any] = {"input_ids": rows.ids, "attention_mask": rows.mask, "use_cache": True}
+    if _takes(model, "position_ids"):
+        kwargs["position_ids"] = rows.positions
+    return kwargs
+
+
+def _next_inputs(
+    model: StreamedModel,
+    rows: Rows,
+    tokens: list[list[int]],
+    out: Any,
+    previous: dict[str, Any],
+    task: str,
+) -> dict[str, Any]:
+    import torch
+
+    device = model.device
+    last = torch.tensor([[row[-1]] for row in tokens], dtype=torch.long, device=device)
+    past = _past(model, out)
+    if task in SEQ2SEQ:
+        kwargs = dict(previous)
+        if past is not None:
+            kwargs["decoder_input_ids"] = last
+            kwargs[past[0]] = past[1]
+        else:
+            kwargs["decoder_input_ids"] = torch.cat([previous["decoder_input_ids"], last], dim=1)
+        return kwargs
+    count = len(tokens[0])
+    mask = torch.cat(
+        [rows.mask, torch.ones((len(tokens), count), dtype=torch.long, device=device)], 1
+    )
+    if past is None:  # a model without a cache: the whole sequence again
+        ids = torch.cat([rows.ids, torch.tensor(tokens, dtype=torch.long, device=device)], dim=1)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+        if _takes(model, "position_ids"):
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        return kwargs
+    kwargs = {"input_ids": last, "attention_mask": mask, "use_cache": True, past[0]: past[1]}
+    if _takes(model, "position_ids"):
+        kwargs["position_ids"] = (mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+    return kwargs
+
+
+def teacher_forced(
+    model: StreamedModel,
+    prompts: Sequence[Sequence[int]],
+    tokens: Sequence[Sequence[int]],
+    pad: int,
+    task: str,
+) -> list[torch.Tensor]:
+    """``model``'s next-token logits after each prefix of every prompt's tokens, in one pass.
+
+    For prompt ``i`` the result is ``(N, vocab)`` float64: row ``k`` is what lockstep decoding
+    would see at step ``k`` (the model is causal), given the first ``k`` tokens.
+    """
+    import torch
+
+    if task in SEQ2SEQ:
+        rows = Rows.left_padded(prompts, pad, model.device)
+        start = model.plain.config.decoder_start_token_id
+        start = 0 if start is None else int(start)
+        decoder = torch.tensor(
+            [[start, *row[:-1]] for row in tokens], dtype=torch.long, device=model.device
+        )
+        out = _call(model, input_ids=rows.ids, attention_mask=rows.mask, decoder_input_ids=decoder)
+        return [out.logits[i].to(torch.float64).cpu() for i in range(len(tokens))]
+    sequences = [list(p) + list(t[:-1]) for p, t in zip(prompts, tokens, strict=True)]
+    rows = Rows.left_padded(sequences, pad, model.device)
+    kwargs: dict[str, Any] = {"input_ids": rows.ids, "attention_mask": rows.mask}
+    if _takes(model, "position_ids"):
+        kwargs["position_ids"] = rows.positions
+    out = _call(model, **kwargs)
+    # (rows, width, vocab) -> per prompt the N positions that predict generated tokens
+    steps = len(tokens[0])
+    return [out.logits[i, -steps:].to(torch.float64).cpu() for i in range(len(tokens))]
 
 
 def first_divergence(merged: Sequence[int], adapter: Sequence[int]) -> int | None:

@@ -21,13 +21,13 @@ which the message shows.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from harness.behaviour.batch import outputs, run_probes
 from harness.behaviour.models import (
     TOLERANCE,
     adapter_model,
@@ -38,6 +38,7 @@ from harness.behaviour.models import (
 )
 from harness.behaviour.probe import ProbeInput
 from harness.dtypes import MANTISSA_BITS
+from harness.forward.stream import StreamedModel
 from harness.run.context import Context, Key
 
 if TYPE_CHECKING:
@@ -52,74 +53,22 @@ C_MAX = 11.0
 C_MEAN = 9.0
 #: How the constants were obtained (printed in the details of every result).
 CALIBRATION = (
-    "C_MAX, C_MEAN: 1.5x the largest ratios seen on correct tiny merges (6 architectures; fp32,"
-    " bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save): 6.79, 4.21 on 4188 probes of"
-    " 449 merges compared in the stored dtype (benchmarks/behaviour_calibration.py --merges 400"
-    " --seed 1 --compare stored); 5.66, 5.83 on 1612 probes of 169 merges in the CPU default"
-    " (--merges 150 --probes 10 --seed 1)"
+    "C_MAX, C_MEAN: at least 1.5x the largest ratios seen on correct tiny merges (6"
+    " architectures; fp32, bf16, fp16; LoRA, rsLoRA, DoRA, patterns, modules_to_save), each"
+    " merge's probes measured together in one streamed pass per model: 6.42, 2.89 on 4000"
+    " probes of 451 merges compared"
+    " in the stored dtype (benchmarks/behaviour_calibration.py --merges 400 --seed 1 --compare"
+    " stored; the default for bf16 on CPUs with native bf16); 5.66, 3.44 on 1500 probes of 169"
+    " merges in the fp32 CPU default (--merges 150 --probes 10 --seed 1)"
 )
-#: Largest probe drawn: rows and tokens per row. Two rows already put a padded row beside a
-#: longer one (the padding and mask paths); more rows only add forward-pass time, which at full
 #: k of the top-k agreement figure.
 TOP_K = 5
 #: Outputs that are probability logits (KL and top-k apply); hidden states are compared by value.
-_PROBABILISTIC = frozenset({"CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "MASKED_LM", "QUESTION_ANS"})
+_PROBABILISTIC = frozenset(
+    {"CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "MASKED_LM", "QUESTION_ANS", "SEQ_2_SEQ_LM"}
+)
 
 # ---- measuring -------------------------------------------------------------------------
-
-
-#: Models below this many parameters run their CPU forward passes on one thread: their matrices
-#: are too small to split, and on a busy machine extra threads only wait for each other (a
-#: tiny model's forward pass was 6x slower on two contended threads than on one).
-SMALL_MODEL_PARAMETERS = 5_000_000
-
-
-@contextlib.contextmanager
-def compute_threads(model: Any) -> Iterator[None]:
-    """Run a small model's CPU forward passes single-threaded (restored afterwards)."""
-    import torch
-
-    small = getattr(model, "_merge_harness_small", None)
-    if small is None:
-        parameters = list(model.parameters())
-        small = parameters[0].device.type == "cpu" and (
-            sum(p.numel() for p in parameters) < SMALL_MODEL_PARAMETERS
-        )
-        model._merge_harness_small = small
-    if not small:
-        yield
-        return
-    # torch's thread count is per calling thread: set it in the thread that computes
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def outputs(model: Any, probe: ProbeInput, task: str, device: str) -> torch.Tensor:
-    """The model's outputs on ``probe`` at the non-padded positions, as float64 ``(rows, K)``.
-
-    Per-token outputs (LM logits, token classes, hidden states) keep only positions whose mask
-    is 1; per-sequence outputs (classification logits) keep every row.
-    """
-    import torch
-
-    batch = probe.tensors(device)
-    with torch.inference_mode(), compute_threads(model):
-        out = model(**batch)
-    if task == "QUESTION_ANS":
-        values = torch.stack([out.start_logits, out.end_logits], dim=-1)
-    elif getattr(out, "logits", None) is not None:
-        values = out.logits
-    else:
-        values = out.last_hidden_state
-    values = values.detach().to(torch.float64)
-    if values.dim() == 3:
-        # (batch, length, K)[mask] -> (tokens, K)
-        values = values[batch["attention_mask"].bool()]
-    return values.reshape(values.shape[0], -1).cpu()
 
 
 @dataclass(frozen=True)
@@ -280,7 +229,7 @@ def merged_calibration(ctx: Context) -> torch.Tensor:
     s = setup(ctx)
     return ctx.memo(
         MERGED_CALIBRATION,
-        lambda: outputs(merged_model(ctx), s.space.calibration_probe(), s.task, s.device),
+        lambda: outputs(merged_model(ctx), s.space.calibration_probe(), s.task, s.space),
     )
 
 
@@ -291,44 +240,56 @@ def tolerance(ctx: Context) -> Tolerance:
     rounding noise in the compare dtype; zero in an upcast comparison, where A is R) and the
     twin's, a correct merge of A stored in the stored dtype. The twin carries the one rounding
     A never does, that of the merged weights themselves: with an adapter much larger than the
-    weights it merges into, that rounding can exceed A's compute noise even in fp32.
+    weights it merges into, that rounding can exceed A's compute noise even in fp32. (The
+    equivalence search measures R's and A's calibration outputs in its first pass, beside its
+    first probes: :meth:`Comparer.measure_all`.)
     """
 
     def measure() -> Tolerance:
         s = setup(ctx)
-        probabilistic = s.task in _PROBABILISTIC
         calibration = s.space.calibration_probe()
-        ref = outputs(reference_model(ctx), calibration, s.task, s.device)
-        twin = deviation(
-            outputs(twin_model(ctx), calibration, s.task, s.device), ref, probabilistic
-        )
-        noises = [twin]
-        source = f"a correct merge stored in {s.stored} (the twin)"
-        if not s.upcast:
-            adapter = outputs(adapter_model(ctx), calibration, s.task, s.device)
-            noises.append(deviation(adapter, ref, probabilistic))
-            source = f"the larger of the adapter model's and {source}'s"
-        source += " deviation on the calibration probe"
-
-        def largest(values: list[float]) -> float:
-            finite = [v for v in values if math.isfinite(v)]
-            return max(finite, default=0.0)
-
-        return Tolerance(
-            C_MAX,
-            C_MEAN,
-            largest([n.max_abs for n in noises]),
-            largest([n.mean_abs for n in noises]),
-            2.0 ** -MANTISSA_BITS[s.compare],
-            source,
-        )
+        ref = outputs(reference_model(ctx), calibration, s.task, s.space)
+        adapter = None if s.upcast else outputs(adapter_model(ctx), calibration, s.task, s.space)
+        return calibrated(ctx, ref, adapter)
 
     result: Tolerance = ctx.memo(TOLERANCE, measure)
     return result
 
 
+def calibrated(ctx: Context, ref: torch.Tensor, adapter: torch.Tensor | None) -> Tolerance:
+    """The tolerance from R's and A's outputs on the calibration probe (the twin runs here)."""
+    s = setup(ctx)
+    probabilistic = s.task in _PROBABILISTIC
+    calibration = s.space.calibration_probe()
+    twin = deviation(outputs(twin_model(ctx), calibration, s.task, s.space), ref, probabilistic)
+    noises = [twin]
+    source = f"a correct merge stored in {s.stored} (the twin)"
+    if adapter is not None:
+        noises.append(deviation(adapter, ref, probabilistic))
+        source = f"the larger of the adapter model's and {source}'s"
+    source += " deviation on the calibration probe"
+
+    def largest(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return max(finite, default=0.0)
+
+    return Tolerance(
+        C_MAX,
+        C_MEAN,
+        largest([n.max_abs for n in noises]),
+        largest([n.mean_abs for n in noises]),
+        2.0 ** -MANTISSA_BITS[s.compare],
+        source,
+    )
+
+
 class Comparer:
-    """Runs M, A and R on probes and judges each against the calibrated tolerance."""
+    """Runs M, A and R on probes and judges each against the calibrated tolerance.
+
+    :meth:`measure_all` runs a whole list of probes in one forward pass per model (one read of
+    each model's weights); figures are remembered per probe, so a probe seen before (hypothesis
+    repeats some while shrinking) costs nothing.
+    """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -338,27 +299,83 @@ class Comparer:
         self.reference = reference_model(ctx)
         self.probabilistic = self.setup.task in _PROBABILISTIC
         self.calibration = self.setup.space.calibration_probe()
-        self.tolerance = tolerance(ctx)
+        self.seen: dict[ProbeInput, Figures] = {}
 
-    def run(self, model: Any, probe: ProbeInput) -> torch.Tensor:
+    @property
+    def tolerance(self) -> Tolerance:
+        """The calibrated tolerance (measured by its own passes if no search measured it)."""
+        return tolerance(self.ctx)
+
+    def run(self, model: StreamedModel, probe: ProbeInput) -> torch.Tensor:
         """One model's outputs on ``probe`` (float64, non-padded positions)."""
-        return outputs(model, probe, self.setup.task, self.setup.device)
+        return outputs(model, probe, self.setup.task, self.setup.space)
+
+    def run_all(self, model: StreamedModel, probes: Sequence[ProbeInput]) -> list[torch.Tensor]:
+        """One model's outputs on each of ``probes``, in one pass (model dtype, on the CPU)."""
+        return run_probes(model, probes, self.setup.task, self.setup.space)
 
     def measure(self, probe: ProbeInput) -> Figures:
         """M's and A's deviations from R on ``probe``, and the verdict."""
-        ref = self.run(self.reference, probe)
-        merged = deviation(self.run(self.merged, probe), ref, self.probabilistic)
-        # A is R in an upcast comparison: its deviation is zero without a second forward pass
-        adapter_out = ref if self.adapter is self.reference else self.run(self.adapter, probe)
-        adapter = deviation(adapter_out, ref, self.probabilistic)
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        figures = Figures(probe, merged, adapter, scale, *self.tolerance.limits(adapter, scale))
-        if figures.ok or not math.isfinite(merged.max_abs):
-            return figures
-        # Only a larger noise can turn this verdict: measure the twin's on this probe too (on a
-        # correct merge this is rare, so the search costs two or three forward passes a probe)
-        twin = deviation(self.run(twin_model(self.ctx), probe), ref, self.probabilistic)
-        figures = dataclasses.replace(figures, twin=twin)
-        allowed_max, allowed_mean = self.tolerance.limits(figures.noise, scale)
-        return dataclasses.replace(figures, allowed_max=allowed_max, allowed_mean=allowed_mean)
+        return self.measure_all([probe])[0]
 
+    def measure_all(self, probes: Sequence[ProbeInput]) -> list[Figures]:
+        """Figures for each of ``probes``: one pass of M, R (and A), the twin only if needed."""
+        import torch
+
+        todo = list(dict.fromkeys(p for p in probes if p not in self.seen))
+        if todo:
+            # the first pass of R and A also measures the calibration probe, if not done yet
+            calibrate = not self.ctx.known(TOLERANCE)
+            extra = [self.calibration] if calibrate else []
+            # outputs stay in their models' dtypes until each probe is measured (float64 copies of
+            # a whole pass's logits would double what the pass holds)
+            refs = self.run_all(self.reference, extra + todo)
+            # A is R in an upcast comparison: its deviation is zero without a second pass
+            upcast = self.adapter is self.reference
+            adapter = refs if upcast else self.run_all(self.adapter, extra + todo)
+            if calibrate:
+                ref_c, refs = refs[0], refs[1:]
+                adapter_c, adapter = adapter[0], adapter[1:]
+                self.ctx.seed(
+                    TOLERANCE,
+                    calibrated(
+                        self.ctx,
+                        ref_c.to(torch.float64),
+                        None if upcast else adapter_c.to(torch.float64),
+                    ),
+                )
+            merged = self.run_all(self.merged, todo)
+            judged = [
+                self._judge(p, r, m, a)
+                for p, r, m, a in zip(todo, refs, merged, adapter, strict=True)
+            ]
+            # Only a larger noise can turn a failing verdict: measure the twin's on those probes
+            # (on a correct merge this is rare, so the search costs two or three passes a batch)
+            retry = [
+                i for i, f in enumerate(judged) if not f.ok and math.isfinite(f.merged.max_abs)
+            ]
+            if retry:
+                twins = self.run_all(twin_model(self.ctx), [todo[i] for i in retry])
+                for i, twin in zip(retry, twins, strict=True):
+                    judged[i] = self._with_twin(judged[i], twin, refs[i])
+            self.seen.update(zip(todo, judged, strict=True))
+        return [self.seen[p] for p in probes]
+
+    def _judge(
+        self, probe: ProbeInput, ref: torch.Tensor, merged: torch.Tensor, adapter: torch.Tensor
+    ) -> Figures:
+        import torch
+
+        ref = ref.to(torch.float64)
+        m = deviation(merged.to(torch.float64), ref, self.probabilistic)
+        a = deviation(adapter.to(torch.float64), ref, self.probabilistic)
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        return Figures(probe, m, a, scale, *self.tolerance.limits(a, scale))
+
+    def _with_twin(self, figures: Figures, twin: torch.Tensor, ref: torch.Tensor) -> Figures:
+        import torch
+
+        t = deviation(twin.to(torch.float64), ref.to(torch.float64), self.probabilistic)
+        figures = dataclasses.replace(figures, twin=t)
+        allowed_max, allowed_mean = self.tolerance.limits(figures.noise, figures.scale)
+        return dataclasses.replace(figures, allowed_max=allowed_max, allowed_mean=allowed_mean)

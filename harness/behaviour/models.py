@@ -1,52 +1,53 @@
-"""The models the behaviour checks compare, loaded once per run and released after.
+"""The models the behaviour checks compare, built once per run and streamed layer by layer.
 
-- **M**, the merged model, loaded from its own folder with the task's ``AutoModelFor*`` class
-  exactly as a user would (so config-level faults such as re-tied embeddings, a head the class
-  never builds, or missing weights show), in the comparison dtype ``C`` (``--merge-dtype``; by
-  default float32 on a CPU for bf16/fp16 checkpoints, else the dtype the checkpoint stores);
-- **A**, the unmerged adapter model (``PeftModel`` on the base), in ``C``;
+- **M**, the merged model: the task's class built by transformers from the merged folder's
+  config, exactly the class a user loads, with the weights read per layer from the merged
+  checkpoint by transformers' own loading rules (so config-level faults such as re-tied
+  embeddings, a head the class never builds, or missing weights show), in the comparison dtype
+  ``C`` (``--merge-dtype``; by default chosen for the CPU, see ``forward.compute``);
+- **A**, the unmerged adapter model: ``PeftModel.from_pretrained`` on the base (peft's own
+  layers), the base weights streamed from the base checkpoint, the adapter resident, in ``C``;
 - **R**, the reference: base upcast + adapter, unmerged, in float32 — in float64 when A runs in
   float32, so that even an fp32 A has a measurable rounding noise of its own. When ``C`` is more
   precise than the stored dtype (``Setup.upcast``), A is R;
-- **T**, the twin: a correct merge of A rounded to the stored dtype (``behaviour.twin``). It
-  carries the one rounding A never does, that of the merged weights themselves.
+- **T**, the twin: A's structure with each layer merged by peft as it is read and the merged
+  weights rounded to the stored dtype (``behaviour.twin``): a correct merge, carrying the one
+  rounding A never does.
+
+Every model holds only the layers in flight (and those kept between passes) within one memory
+budget (``--merge-memory``, ``forward.pool``); a model one of whose layers cannot fit is refused
+with the figures (``forward.pool.MemoryRefusal``), and the checks skip with that reason.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from harness.behaviour.probe import ProbeSpace
-from harness.behaviour.twin import build_twin
+from harness.behaviour.twin import merge_unit, round_saved
 from harness.dtypes import ITEMSIZE, MANTISSA_BITS, to_torch
 from harness.errors import HarnessError
 from harness.evals.tokenizer import TOKENIZER_FILES
 from harness.extras import install_hint
-from harness.io.models import (
-    load_peft,
-    load_pretrained,
-    quiet,
-    read_config,
-    refuse_remote_code,
-    task_of,
-)
-from harness.memory import shortfall
+from harness.forward.build import Recipe, build_streamed
+from harness.forward.compute import default_compute
+from harness.forward.pool import Pool, activation_bytes
+from harness.forward.stream import StreamedModel, Transform
+from harness.io.checkpoint import Checkpoint
+from harness.io.models import quiet, read_config, refuse_remote_code, task_of
 from harness.run.context import Context, Key
 from harness.run.settings import Settings
 
-if TYPE_CHECKING:
-    import torch
-
 #: Largest probe drawn: rows and tokens per row. Two rows already put a padded row beside a
-#: longer one (the padding and mask paths); more rows only add forward-pass time, which at full
-#: size on a CPU is the whole cost of the search (a 1.1B Llama: ~0.6 s per 32-token row).
+#: longer one (the padding and mask paths); more rows only add forward-pass time.
 PROBE_BATCH = 2
 PROBE_LENGTH = 32
-#: Working memory on top of the weights (activations, outputs, allocator slack), as a fraction.
-MEMORY_HEADROOM = 0.15
+#: Most probes measured in one pass of a model: bounds the activations held back in the budget
+#: (20 probes of up to 2 x 32 tokens, and the calibration probe: 1344 tokens).
+PROBES_PER_PASS = 20
 
 
 @dataclass(frozen=True)
@@ -92,23 +93,27 @@ class Setup:
             return (
                 f"task {self.task}; merged and adapter model in {self.compare} (stored"
                 f" {self.stored}); reference = the adapter model; noise floor from a correct"
-                f" merge rounded to {self.stored}; device {self.device}"
+                f" merge rounded to {self.stored}; device {self.device}; layers streamed from"
+                " the checkpoints"
             )
         return (
             f"task {self.task}; merged in {self.compare} (stored {self.stored}), adapter model in"
-            f" {self.adapter}, reference in {self.reference}; device {self.device}"
+            f" {self.adapter}, reference in {self.reference}; device {self.device}; layers"
+            " streamed from the checkpoints"
         )
 
 
 SETUP: Key[Setup] = Key("behaviour:setup")
-MERGED: Key[tuple[Any, dict[str, Any]]] = Key("behaviour:merged")
-ADAPTER: Key[Any] = Key("behaviour:adapter")
-REFERENCE: Key[Any] = Key("behaviour:reference")
-TWIN: Key[Any] = Key("behaviour:twin")
-BASE: Key[Any] = Key("behaviour:base")
+POOL: Key[Pool] = Key("behaviour:pool")
+MERGED: Key[tuple[StreamedModel, dict[str, Any]]] = Key("behaviour:merged")
+MERGED_F16: Key[StreamedModel] = Key("behaviour:merged-f16")
+ADAPTER: Key[StreamedModel] = Key("behaviour:adapter")
+REFERENCE: Key[StreamedModel] = Key("behaviour:reference")
+TWIN: Key[StreamedModel] = Key("behaviour:twin")
+BASE: Key[StreamedModel] = Key("behaviour:base")
 #: The calibrated tolerance (``behaviour.measure``); once it is known the twin is not needed.
 TOLERANCE: Key[Any] = Key("behaviour:tolerance")
-_MODELS = (MERGED, ADAPTER, REFERENCE, TWIN, BASE)
+_MODELS = (MERGED, MERGED_F16, ADAPTER, REFERENCE, TWIN, BASE)
 
 
 def missing_libraries() -> str | None:
@@ -128,32 +133,6 @@ def _stored_dtype(ctx: Context) -> str:
     return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
 
 
-def _uniform_dtype(ctx: Context, which: str) -> torch.dtype | None:
-    """The one floating dtype every tensor of the checkpoint holds, or None when mixed.
-
-    A single-dtype checkpoint loads memory-mapped in that dtype and is cast after (see
-    ``harness.io.models.load_pretrained``); a mixed one loads in the target dtype directly,
-    since a cast through the narrower dtype would round the wider tensors.
-    """
-    checkpoint = ctx.merged() if which == "merged" else ctx.base()
-    found = {info.dtype for info in checkpoint.tensors.values() if info.dtype in MANTISSA_BITS}
-    return to_torch(found.pop()) if len(found) == 1 else None
-
-
-def default_compare(stored: str, device: str) -> str:
-    """The comparison dtype when ``--merge-dtype`` is not given.
-
-    On a CPU, half-precision matmuls are emulated: a 1.1B Llama's forward pass on 4x32 tokens
-    took 16.0 s in bf16 and 2.6 s in fp32 on the benchmark machine. Upcasting bf16 or fp16
-    weights to fp32 is exact, so a CPU compares in float32 (the storage rounding is measured by
-    a correctly merged twin, see :func:`twin_model`). An accelerator compares in the stored
-    dtype, as the model is served.
-    """
-    if device.split(":")[0] == "cpu" and stored in ("BF16", "F16"):
-        return "F32"
-    return stored
-
-
 def setup(ctx: Context) -> Setup:
     """Resolve the task, dtypes and probe space (cached in the context)."""
     return ctx.memo(SETUP, lambda: _setup(ctx))
@@ -167,7 +146,7 @@ def _setup(ctx: Context) -> Setup:
     adapter_config = ctx.adapter().config if ctx.has_adapter else None
     task = task_of(adapter_config, config)
     stored = _stored_dtype(ctx)
-    compare = settings.dtype or default_compare(stored, settings.device)
+    compare = settings.dtype or default_compute(stored, settings.device)
     head: dict[str, Any] = {
         k: config[k]
         for k in ("num_labels", "id2label", "label2id", "pad_token_id")
@@ -217,127 +196,203 @@ def load_tokenizer(settings: Settings) -> Any:
         return None
 
 
+def pool(ctx: Context) -> Pool:
+    """The memory budget every streamed model of this run shares (``--merge-memory``).
+
+    Activations of the largest pass the checks make (up to ``PROBES_PER_PASS`` probes and the
+    calibration probe, in the widest dtype a model runs in) are held back from the start.
+    """
+
+    def create() -> Pool:
+        s = setup(ctx)
+        merged = ctx.settings.merged
+        config = read_config(merged) if merged is not None else {}
+        itemsize = max(ITEMSIZE[s.compare], ITEMSIZE[s.reference])
+        made = Pool(s.device, requested=ctx.settings.memory)
+        # a search pass: its probes and the calibration probe (generation's passes are smaller)
+        rows = (min(ctx.settings.examples, PROBES_PER_PASS) + 1) * PROBE_BATCH
+        made.set_reserve(activation_bytes(config, rows, PROBE_LENGTH, itemsize))
+        return made
+
+    return ctx.memo(POOL, create)
+
+
 def release_models(ctx: Context) -> None:
-    """Drop the context's models (fixtures that hold one keep theirs alive)."""
+    """Drop the context's models and every layer kept for them."""
     for key in _MODELS:
-        ctx.forget(key)
-    # cycles inside the models would keep device memory until the next collection
+        _release(ctx, key)
     release_cache(ctx.settings.device)
 
 
-def memory_shortfall(ctx: Context, pair: bool) -> str | None:
-    """Why the behaviour models cannot be held here, or None when they fit (or it is unknown).
+def _peek(ctx: Context, key: Key[Any]) -> StreamedModel | None:
+    """The streamed model memoised under ``key``, or None (not built, or failed to build)."""
+    if not ctx.known(key):
+        return None
 
-    Counts the models not loaded yet: M in the compare dtype; with ``pair``, A in its dtype,
-    R (a copy of A in the reference dtype; none in an upcast comparison) and the twin (a
-    merged copy of A, held during the equivalence search). Refusing up front gives a
-    clear reason where loading would end in the kernel's out-of-memory kill.
-    """
+    def nothing() -> Any:
+        return None
+
+    try:
+        value = ctx.memo(key, nothing)
+    except Exception:  # a remembered failure holds no model
+        return None
+    model = value[0] if isinstance(value, tuple) else value
+    return model if isinstance(model, StreamedModel) else None
+
+
+def built_models(ctx: Context) -> list[StreamedModel]:
+    """The streamed models built so far in this context (M, A, R, the twin, the base)."""
+    found: list[StreamedModel] = []
+    for key in _MODELS:
+        model = _peek(ctx, key)
+        if model is not None and model not in found:
+            found.append(model)
+    return found
+
+
+def release_f16(ctx: Context) -> None:
+    """Drop M in fp16 (built for one row of the range check)."""
+    _release(ctx, MERGED_F16)
+
+
+def _release(ctx: Context, key: Key[Any]) -> None:
+    model = _peek(ctx, key)
+    if model is not None:
+        model.release()
+    ctx.forget(key)
+
+
+def _streamed(
+    ctx: Context,
+    folder: Path,
+    checkpoint: Checkpoint,
+    label: str,
+    dtype: str,
+    *,
+    head: dict[str, Any] | None = None,
+    adapter: Path | None = None,
+    transform: Transform | None = None,
+    keep: bool = True,
+) -> tuple[StreamedModel, dict[str, Any]]:
+    """Build ``folder``'s model (with ``adapter`` by peft) streamed from ``checkpoint``."""
     s = setup(ctx)
-    parameters = sum(info.numel for info in ctx.merged().tensors.values())
-    sizes = {"M": (MERGED, ITEMSIZE[s.compare])}
-    if pair:
-        sizes["A"] = (ADAPTER, ITEMSIZE[s.adapter])
-        if not s.upcast:
-            sizes["R"] = (REFERENCE, ITEMSIZE[s.reference])
-        if not ctx.known(TOLERANCE):
-            sizes["the twin"] = (TWIN, ITEMSIZE[s.adapter])
-    missing = {name: size for name, (key, size) in sizes.items() if not ctx.known(key)}
-    needed = sum(missing.values()) * parameters
-    if not needed:
-        return None
-    what = " + ".join(missing)
-    reason = shortfall(
-        int(needed * (1 + MEMORY_HEADROOM)),
-        s.device,
-        f"holding {what} ({parameters / 1e9:.2f}B parameters in {s.compare})",
+    recipe = Recipe(
+        folder,
+        checkpoint,
+        s.task,
+        label,
+        trust_remote_code=ctx.settings.trust_remote_code,
+        head=head or {},
+        adapter=adapter,
     )
-    if reason is None:
-        return None
-    return f"{reason}; run it on a larger machine or with --merge-device cuda"
+    stored = to_torch(s.stored)
+    return build_streamed(
+        recipe,
+        to_torch(dtype),
+        device=s.device,
+        pool=pool(ctx),
+        keep=keep,
+        transform=transform,
+        prepare=None if transform is None else lambda model: round_saved(model, stored),
+    )
 
 
-def merged_model(ctx: Context) -> Any:
-    """M: the merged checkpoint loaded from its folder as a user would, in the compare dtype."""
-    return merged_loaded(ctx)[0]
-
-
-def merged_loaded(ctx: Context) -> tuple[Any, dict[str, Any]]:
-    """M and transformers' load info (missing and unexpected keys)."""
+def merged_loaded(ctx: Context) -> tuple[StreamedModel, dict[str, Any]]:
+    """M and the load report (the keys transformers would call missing and unexpected)."""
     s = setup(ctx)
     merged = ctx.settings.merged
     if merged is None:
         raise HarnessError("no merged model: pass --merged-model PATH")
     return ctx.memo(
-        MERGED,
-        lambda: load_pretrained(
-            merged,
-            s.task,
-            dtype=to_torch(s.compare),
-            device=s.device,
-            trust_remote_code=ctx.settings.trust_remote_code,
-            stored=_uniform_dtype(ctx, "merged"),
-        ),
+        MERGED, lambda: _streamed(ctx, merged, ctx.merged(), "the merged model", s.compare)
     )
 
 
-def _needs_pair(ctx: Context) -> tuple[Any, Any]:
+def merged_model(ctx: Context) -> StreamedModel:
+    """M: the merged checkpoint as a user loads it, streamed, in the compare dtype."""
+    return merged_loaded(ctx)[0]
+
+
+def merged_f16(ctx: Context) -> StreamedModel:
+    """M computed in fp16 (the range check of fp16 checkpoints compared in a wider dtype)."""
+    merged = ctx.settings.merged
+    if merged is None:
+        raise HarnessError("no merged model: pass --merged-model PATH")
+    return ctx.memo(
+        MERGED_F16,
+        lambda: _streamed(ctx, merged, ctx.merged(), "the merged model in F16", "F16", keep=False)[
+            0
+        ],
+    )
+
+
+def _needs_pair(ctx: Context) -> tuple[Path, Path]:
     settings = ctx.settings
     if settings.base is None or settings.adapter is None:
         raise HarnessError("needs --base-model and --adapter")
     return settings.base, settings.adapter
 
 
-def adapter_model(ctx: Context) -> Any:
+def adapter_model(ctx: Context) -> StreamedModel:
     """A: the unmerged adapter model (PeftModel on the base) in the adapter dtype."""
     s = setup(ctx)
     base, adapter = _needs_pair(ctx)
     return ctx.memo(
         ADAPTER,
-        lambda: load_peft(
-            base,
-            adapter,
-            s.task,
-            dtype=to_torch(s.adapter),
-            device=s.device,
-            trust_remote_code=ctx.settings.trust_remote_code,
-            head=s.head,
-            stored=_uniform_dtype(ctx, "base"),
-        ),
+        lambda: _streamed(
+            ctx, base, ctx.base(), "the adapter model", s.adapter, head=s.head, adapter=adapter
+        )[0],
     )
 
 
-def reference_model(ctx: Context) -> Any:
-    """R: base upcast + adapter, unmerged, in float32 (float64 when A runs in float32).
+def reference_model(ctx: Context) -> StreamedModel:
+    """R: base + adapter, unmerged, in the reference dtype (A itself in an upcast comparison).
 
-    Made by upcasting a copy of A: A holds the base weights as stored and the adapter weights
-    in float32 (peft's autocast), so the upcast copy has exactly the values loading the base in
-    the reference dtype would give, at a fraction of the cost of a second load. When A already
-    runs more precisely than the checkpoint stores (``Setup.upcast``), A is R.
+    Built like A in the wider dtype: peft keeps the adapter's weights in float32 or wider, and
+    the base weights are read and cast per layer, the same values loading the base in the
+    reference dtype would give.
     """
     s = setup(ctx)
-    adapter = adapter_model(ctx)
-    if s.upcast:
-        return adapter
-    return ctx.memo(REFERENCE, lambda: copy.deepcopy(adapter).to(to_torch(s.reference)))
+    if s.upcast or s.reference == s.adapter:
+        return adapter_model(ctx)
+    base, adapter = _needs_pair(ctx)
+    return ctx.memo(
+        REFERENCE,
+        lambda: _streamed(
+            ctx, base, ctx.base(), "the reference model", s.reference, head=s.head, adapter=adapter
+        )[0],
+    )
 
 
-def twin_model(ctx: Context) -> Any:
-    """The twin: a correct merge stored in the stored dtype, run in A's dtype (held until released).
+def twin_model(ctx: Context) -> StreamedModel:
+    """The twin: A merged layer by layer by peft, merged weights rounded to the stored dtype.
 
-    A copy of A merged by peft (``merge_and_unload``) with every merged weight rounded to the
-    stored dtype: what a correct merge saved in that dtype computes. Its deviation from R is
-    the noise a correct merge brings, including the one rounding A never does, that of the
-    merged weights themselves.
+    Its deviation from R is the noise a correct merge brings, including the one rounding A
+    never does, that of the merged weights themselves. Its layers are not kept between passes
+    (it runs on few probes), leaving the budget to M and A.
     """
-    adapter = adapter_model(ctx)
-    stored = to_torch(setup(ctx).stored)
-    return ctx.memo(TWIN, lambda: build_twin(adapter, stored))
+    s = setup(ctx)
+    base, adapter = _needs_pair(ctx)
+    stored = to_torch(s.stored)
+    return ctx.memo(
+        TWIN,
+        lambda: _streamed(
+            ctx,
+            base,
+            ctx.base(),
+            "the twin (a correct merge)",
+            s.adapter,
+            head=s.head,
+            adapter=adapter,
+            transform=merge_unit(stored),
+            keep=False,
+        )[0],
+    )
 
 
 def release_twin(ctx: Context) -> None:
     """Drop the twin (the checks after the search need only its calibration figures)."""
-    ctx.forget(TWIN)
+    _release(ctx, TWIN)
     release_cache(ctx.settings.device)
 
 
@@ -352,21 +407,12 @@ def release_cache(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def base_model(ctx: Context) -> Any:
+def base_model(ctx: Context) -> StreamedModel:
     """The base model alone (no adapter), in the adapter dtype."""
     s = setup(ctx)
     base = ctx.settings.base
     if base is None:
         raise HarnessError("needs --base-model")
     return ctx.memo(
-        BASE,
-        lambda: load_pretrained(
-            base,
-            s.task,
-            dtype=to_torch(s.adapter),
-            device=s.device,
-            trust_remote_code=ctx.settings.trust_remote_code,
-            head=s.head,
-        )[0],
+        BASE, lambda: _streamed(ctx, base, ctx.base(), "the base model", s.adapter, head=s.head)[0]
     )
-

@@ -20,6 +20,20 @@ if TYPE_CHECKING:
 #: How rows of different lengths are aligned: no padding (all rows one length), or pad ids
 #: before (left) or after (right) the tokens, with attention mask 0 on the padding.
 PADDINGS: tuple[str, ...] = ("none", "right", "left")
+#: Config keys of the placeholder tokens vision-language models replace with image, video or
+#: audio features (a text-only forward pass must not contain them).
+_PLACEHOLDER_KEYS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "audio_token_id",
+    "audio_token_index",
+    "boi_token_index",
+    "eoi_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
 
 
 @dataclass(frozen=True)
@@ -123,13 +137,23 @@ class ProbeSpace:
 
         Sequence classification with a decoder pools the last non-pad token, found by
         ``pad_token_id``: without one transformers refuses batches of more than one row, so
-        such a model gets single unpadded rows.
+        such a model gets single unpadded rows. An encoder-decoder gets no left padding (its
+        decoder input is the probe shifted right). A vision-language model's text path draws
+        ids below its first image, video or audio placeholder token (those need the pixels).
         """
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
         source = text or config
         vocab = int(source.get("vocab_size") or 0)
         if vocab < 1:
             raise ValueError("config.json has no vocab_size")
+        placeholders = [
+            i
+            for key in _PLACEHOLDER_KEYS
+            for i in _ids(config.get(key))
+            if 0 < i < vocab and text is not None
+        ]
+        if placeholders:
+            vocab = min(placeholders)
         positions = source.get("max_position_embeddings") or source.get("n_positions")
         length = min(max_length, int(positions)) if isinstance(positions, int) else max_length
         pad = _single_id(source.get("pad_token_id"))
@@ -152,6 +176,8 @@ class ProbeSpace:
         batch, paddings = max_batch, tuple(PADDINGS)
         if task == "SEQ_CLS" and pad is None and not _is_encoder(source):
             batch, paddings = 1, ("none",)
+        if config.get("is_encoder_decoder"):
+            paddings = ("none", "right")
         return cls(vocab, tuple(sorted(specials)), pad, max(1, length), max(1, batch), paddings)
 
     def calibration_probe(self, seed: int = 0) -> ProbeInput:

@@ -1,21 +1,36 @@
-"""The property search: hypothesis draws probes, and shrinks a failure to a minimal input."""
+"""The property search: hypothesis draws batches of probes and shrinks a failure to a minimum.
+
+A hypothesis example is a *list* of probes, measured in one forward pass per model (one read
+of each model's weights, ``Comparer.measure_all``); the example fails when any of its probes
+does. Lists have a fixed size, ``min(--merge-examples, PROBES_PER_PASS)``. The generate phase
+measures probes until ``--merge-examples`` of them have been measured (the last list is cut to
+fit), skipping lists that bring fewer than a quarter new probes: hypothesis' first examples are
+its simplest one (every probe one token ``0``) and near-copies of it, each worth one pass of
+every model for one new probe. So the default 20 probes take one pass per model. On a failure
+hypothesis shrinks the probes in the list; probes measured before cost nothing (``Comparer``
+remembers them), so each step is one pass over the changed ones. The smallest failing probe of
+the minimal list is reported.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from harness.behaviour.measure import Figures
+from harness.behaviour.models import PROBES_PER_PASS
 from harness.behaviour.probe import ProbeInput
 from harness.errors import HarnessError, one_line
 from harness.offline import private_hypothesis_storage
 
-#: Stop shrinking a failure after this many evaluations or seconds (the smallest failing input
-#: seen so far is reported).
+#: Stop shrinking a failure after this many evaluations (passes) or seconds (the smallest
+#: failing input seen so far is reported).
 SHRINK_EVALUATIONS = 200
 SHRINK_SECONDS = 120.0
+
+Measure = Callable[[Sequence[ProbeInput]], list[Figures]]
 
 
 @dataclass
@@ -24,6 +39,7 @@ class Search:
 
     examples: list[Figures] = field(default_factory=list)
     minimal: Figures | None = None
+    #: Batches measured (each one forward pass per model).
     evaluations: int = 0
     note: str = ""
 
@@ -37,15 +53,23 @@ def _size(probe: ProbeInput) -> tuple[int, int, int, int]:
     return (probe.tokens, probe.batch, probe.length, sum(sum(r) for r in probe.input_ids))
 
 
-def search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: int) -> Search:
-    """Draw up to ``examples`` probes; on a failure shrink it to a minimal failing probe.
+def batches(strategy: Any, examples: int) -> Any:
+    """The search's examples: lists of ``min(examples, PROBES_PER_PASS)`` probes."""
+    from hypothesis import strategies as st
 
-    Derandomised (the same inputs every run). Shrinking stops after ``SHRINK_EVALUATIONS``
-    evaluations or ``SHRINK_SECONDS``; the smallest failing probe seen so far is then reported.
-    Called from inside a user's own ``@given`` test, the search runs in a worker thread of its
-    own: it is an independent property run, not a nested one (hypothesis keeps its test context
-    per thread). The worker is reused, since hypothesis sets up each new thread with a full
-    garbage collection.
+    size = max(1, min(examples, PROBES_PER_PASS))
+    return st.lists(strategy, min_size=size, max_size=size)
+
+
+def search(measure: Measure, strategy: Any, examples: int) -> Search:
+    """Measure ``examples`` probes drawn in batches; on a failure shrink it to a minimal probe.
+
+    ``strategy`` draws single probes. Derandomised (the same inputs every run). Shrinking stops
+    after ``SHRINK_EVALUATIONS`` evaluations or ``SHRINK_SECONDS``; the smallest failing probe
+    seen so far is then reported. Called from inside a user's own ``@given`` test, the search
+    runs in a worker thread of its own: it is an independent property run, not a nested one
+    (hypothesis keeps its test context per thread). The worker is reused, since hypothesis sets
+    up each new thread with a full garbage collection.
     """
     from hypothesis.control import currently_in_test_context
 
@@ -67,38 +91,52 @@ def _worker() -> Any:
     return _WORKER[0]
 
 
-def _search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: int) -> Search:
+def _search(measure: Measure, strategy: Any, examples: int) -> Search:
     from hypothesis import HealthCheck, Phase, Verbosity, find, settings
     from hypothesis.errors import HypothesisException, NoSuchExample
 
     result = Search()
     failing: dict[ProbeInput, Figures] = {}
+    measured: set[ProbeInput] = set()
     state = {"first_failure": 0.0, "exhausted": False}
 
-    def fails(probe: ProbeInput) -> bool:
+    def fails(batch: list[ProbeInput]) -> bool:
         if state["exhausted"]:
             # out of budget: only already-known failures count, so shrinking ends at once
-            return probe in failing
-        figures = measure(probe)
-        result.evaluations += 1
+            return any(p in failing for p in batch)
         if not failing:
-            result.examples.append(figures)
-        if figures.ok:
+            # generating: measure new probes until ``examples`` of them are measured, skipping
+            # lists that are mostly repeats (hypothesis starts with its simplest example, every
+            # probe one token 0, and near-copies of it): a pass for one new probe is wasted
+            fresh = [p for p in dict.fromkeys(batch) if p not in measured]
+            room = examples - len(measured)
+            if room <= 0 or len(fresh) < min(room, (len(batch) + 3) // 4):
+                return False
+            batch = [p for p in batch if p in measured] + fresh[:room]
+        if not batch:
+            return False
+        figures = measure(batch)
+        new = [f for f in figures if f.probe not in measured]
+        measured.update(f.probe for f in figures)
+        if new:
+            result.evaluations += 1
+        if not failing:
+            result.examples.extend(new)
+        bad = [f for f in figures if not f.ok]
+        if not bad:
             return False
         if not failing:
             state["first_failure"] = time.perf_counter()
-        failing[probe] = figures
+        failing.update((f.probe, f) for f in bad)
         spent = time.perf_counter() - state["first_failure"]
-        if len(failing) and (
-            result.evaluations > SHRINK_EVALUATIONS + examples or spent > SHRINK_SECONDS
-        ):
+        if result.evaluations > SHRINK_EVALUATIONS + examples or spent > SHRINK_SECONDS:
             state["exhausted"] = True
             result.note = "shrinking stopped early (budget spent); smallest failure so far shown"
         return True
 
     config = settings(
         parent=settings.get_profile("ci"),
-        max_examples=examples,
+        max_examples=max(1, examples),
         database=None,
         deadline=None,
         derandomize=True,
@@ -109,8 +147,9 @@ def _search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: i
     )
     try:
         with private_hypothesis_storage():  # no .hypothesis/ in the user's folder
-            found = find(strategy, fails, settings=config)
-        result.minimal = failing.get(found) or measure(found)
+            found = find(batches(strategy, examples), fails, settings=config)
+        bad = [failing[p] for p in found if p in failing] or [f for f in measure(found) if not f.ok]
+        result.minimal = min(bad, key=lambda f: _size(f.probe)) if bad else None
     except NoSuchExample:
         result.minimal = None
     except HypothesisException as exc:  # e.g. flaky outputs on a nondeterministic device
@@ -123,4 +162,3 @@ def _search(measure: Callable[[ProbeInput], Figures], strategy: Any, examples: i
     if result.minimal is None and failing:
         result.minimal = failing[min(failing, key=_size)]
     return result
-

@@ -1,44 +1,46 @@
-"""The twin: a correct merge of the unmerged adapter model, rounded to the stored dtype.
+"""The twin: a correct merge of the unmerged adapter model, rounded to the stored dtype, per layer.
 
-Its deviation from the reference is the noise a correct merge brings, including the one rounding
-the adapter model never does, that of the merged weights themselves (see ``behaviour.measure``).
+The twin has A's structure (``PeftModel`` on the base). Each unit is merged by peft as it is
+read: every adapter layer in it merges its delta into the freshly read base weight, and the
+merged weight is rounded to the stored dtype and back, as saving the merge would. Adapter
+weights that a merge stores as they are (``modules_to_save`` copies) are rounded once, when the
+twin is built. Its deviation from the reference is the noise a correct merge brings, including
+the one rounding the adapter model never does (see ``behaviour.measure``).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError, one_line
-from harness.io.models import quiet
+from harness.forward.stream import Transform
+from harness.forward.units import Unit
 
 if TYPE_CHECKING:
     import torch
 
 
-def _merge_plain_lora(layer: Any) -> None:
+def _merge_plain_lora(layer: Any) -> bool:
     """Merge a plain LoRA ``Linear`` layer in one fused pass, marking it merged for peft.
 
     peft's own merge makes the delta, scales it, checks it for NaN and adds it: four passes
-    over every weight, which at full size cost more than the forward passes of the search (at
-    1.1B: 20 s for 154 layers on the benchmark machine). ``W + s * B @ A`` in one ``addmm`` is
-    the same sum. Layers with a variant (DoRA), a LoRA bias or transposed weights are left to
-    peft.
+    over every weight. ``W + s * B @ A`` in one ``addmm`` is the same sum. Layers with a variant
+    (DoRA), a LoRA bias or transposed weights are left to peft. Returns whether it merged.
     """
     import torch
     from peft.tuners.lora.layer import Linear
 
-    if not isinstance(layer, Linear) or layer.merged or layer.fan_in_fan_out:
-        return
+    if not isinstance(layer, Linear) or layer.fan_in_fan_out:
+        return False
     names = list(layer.active_adapters)
     if len(names) != 1 or names[0] not in layer.lora_A:
-        return
+        return False
     name = names[0]
     if name in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(name, False):
-        return
+        return False
     base = layer.get_base_layer()
     if not isinstance(base, torch.nn.Linear):
-        return
+        return False
     weight = base.weight
     lora_b, lora_a = layer.lora_B[name].weight, layer.lora_A[name].weight
     assert isinstance(lora_b, torch.Tensor) and isinstance(lora_a, torch.Tensor)
@@ -46,74 +48,56 @@ def _merge_plain_lora(layer: Any) -> None:
     merged = torch.addmm(
         weight.float(), lora_b.float(), lora_a.float(), alpha=float(layer.scaling[name])
     )
-    base.weight = torch.nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+    weight.data = merged.to(weight.dtype)
     layer.merged_adapters.append(name)
+    return True
 
 
-def _round_to(model: Any, stored: torch.dtype, shared: set[int]) -> None:
-    """Round every floating parameter of ``model`` to ``stored`` and back, as saving would.
+def _round(tensor: torch.Tensor, stored: torch.dtype) -> None:
+    """Round ``tensor``'s values to ``stored`` and back, in place (a new storage)."""
+    if tensor.dtype != stored and tensor.is_floating_point():
+        tensor.data = tensor.data.to(stored).to(tensor.dtype)
 
-    Parameters whose storage is ``shared`` with another model get a new tensor where the
-    rounding changes them (a tied parameter stays tied); the others are rounded in place.
+
+def merge_unit(stored: torch.dtype) -> Transform:
+    """The twin's per-unit step: merge every adapter layer of the unit, round what it wrote.
+
+    Runs on a freshly read unit, whose base weights are new tensors: peft's ``safe_merge``
+    writes merged copies, so nothing read is modified in place.
     """
-    import torch
 
-    replaced: dict[int, torch.nn.Parameter] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for name, parameter in list(module._parameters.items()):
-                if parameter is None or not parameter.is_floating_point():
-                    continue
-                if id(parameter) in replaced:
-                    module._parameters[name] = replaced[id(parameter)]
-                    continue
-                if parameter.dtype == stored:
-                    continue
-                rounded = parameter.detach().to(stored).to(parameter.dtype)
-                if parameter.data_ptr() not in shared:
-                    parameter.copy_(rounded)
-                elif not torch.equal(rounded, parameter):
-                    fresh = torch.nn.Parameter(rounded, requires_grad=False)
-                    replaced[id(parameter)] = fresh
-                    module._parameters[name] = fresh
+    def transform(unit: Unit) -> None:
+        import torch
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer in unit.module.modules():
+            if not isinstance(layer, BaseTunerLayer):
+                continue
+            layer.merged_adapters.clear()
+            with torch.no_grad():
+                if not _merge_plain_lora(layer):
+                    try:
+                        layer.merge(safe_merge=True)
+                    except (ValueError, RuntimeError) as exc:  # peft refuses a NaN merge
+                        raise HarnessError(
+                            "peft cannot merge the adapter into the base:"
+                            f" {one_line(exc, whole=True)}"
+                        ) from None
+                base = layer.get_base_layer()
+                for parameter in base._parameters.values():
+                    if parameter is not None:
+                        _round(parameter, stored)
+
+    return transform
 
 
-def build_twin(adapter: Any, stored: torch.dtype) -> Any:
-    """Merge a copy of the ``PeftModel`` ``adapter`` and round what the merge wrote to ``stored``.
+def round_saved(model: Any, stored: torch.dtype) -> None:
+    """Round the adapter weights a merge stores as they are (``modules_to_save`` copies)."""
+    from peft.utils.other import ModulesToSaveWrapper
 
-    For LoRA the copy shares every tensor with ``adapter`` and the merge writes new ones
-    (peft's ``safe_merge`` merges into a clone), so only the merged weights take new memory; at
-    full size a whole copy costs more than the merge itself. Other adapter types merge a whole
-    copy. Either way ``adapter`` is left untouched, which is verified.
-    """
-    import torch
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    originals = list(adapter.parameters())
-    versions = [p._version for p in originals]
-    layers = [m for m in adapter.modules() if isinstance(m, BaseTunerLayer)]
-    if all(isinstance(m, LoraLayer) for m in layers):
-        # new Parameter objects over the same storage: assigning .data in the copy leaves A's be
-        memo: dict[int, Any] = {
-            id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in originals
-        }
-        twin = copy.deepcopy(adapter, memo)
-    else:
-        twin = copy.deepcopy(adapter)
-    shared = {p.data_ptr() for p in originals}
-    with torch.no_grad():
-        for layer in twin.modules():
-            _merge_plain_lora(layer)
-    try:
-        with quiet():
-            merged = twin.merge_and_unload(safe_merge=True)
-    except (ValueError, RuntimeError) as exc:  # peft refuses a merge that gives NaN
-        raise HarnessError(
-            f"peft cannot merge the adapter into the base: {one_line(exc, whole=True)}"
-        ) from None
-    _round_to(merged, stored, shared)
-    if [p._version for p in originals] != versions:
-        raise HarnessError("internal error: merging the twin wrote into the adapter model")
-    return merged
-
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for copy in module.modules_to_save.values():
+                for parameter in copy.parameters():
+                    if parameter.device.type != "meta":
+                        _round(parameter, stored)

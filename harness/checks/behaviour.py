@@ -8,52 +8,62 @@ token by token, and divergences are tolerated only at the reference's near-ties.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import Any
 
+from harness.behaviour.batch import outputs
 from harness.behaviour.generation import (
     GENERATE_TOKENS,
-    Greedy,
+    decode,
     first_divergence,
     judge_divergence,
     prompts,
+    teacher_forced,
 )
 from harness.behaviour.measure import (
     CALIBRATION,
     Comparer,
     merged_calibration,
-    outputs,
     ratio_of,
     round_figure,
 )
 from harness.behaviour.models import (
-    Setup,
-    memory_shortfall,
+    built_models,
+    merged_f16,
     merged_loaded,
     missing_libraries,
+    pool,
+    release_f16,
     release_models,
     release_twin,
     setup,
     twin_model,
 )
-from harness.behaviour.probe import ProbeInput, pad_rows
+from harness.behaviour.probe import pad_rows
 from harness.behaviour.search import Search, search
 from harness.checks.sidecars import check_sidecars
-from harness.dtypes import to_torch
 from harness.errors import HarnessError
+from harness.forward.pool import MemoryRefusal
+from harness.forward.skeleton import NoTextPath
+from harness.memory import format_size
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import CheckResult, Family, Outcome
 from harness.run.settings import Settings
 from harness.strategies import probes_for
 
-if TYPE_CHECKING:
-    import torch
+#: Failures that make the forward passes impossible here rather than the merge wrong: skips.
+CANNOT_RUN = (MemoryRefusal, NoTextPath)
 
 # ---- the checks ------------------------------------------------------------------------------
 
 
-def _unavailable(ctx: Context, *, pair: bool, memory: bool = True) -> CheckResult | None:
-    """The skip of a behaviour check that cannot run here, naming what it needs; else None."""
+def _unavailable(ctx: Context, *, pair: bool) -> CheckResult | None:
+    """The skip of a behaviour check that cannot run here, naming what it needs; else None.
+
+    Memory is not judged here: the streamed models refuse (``MemoryRefusal``) only when one
+    layer cannot fit the budget, and :func:`_cannot_run` turns that into the skip.
+    """
     reason = missing_libraries()
     if reason:
         return CheckResult.skipped(reason, needs=["transformers", "peft"])
@@ -68,22 +78,49 @@ def _unavailable(ctx: Context, *, pair: bool, memory: bool = True) -> CheckResul
             " behaviour::loads checks it loads and gives finite outputs)",
             needs=missing,
         )
-    reason = memory_shortfall(ctx, pair=pair) if memory else None
-    if reason:
-        return CheckResult.skipped(reason, needs=["memory"])
     return None
 
 
+def _cannot_run(exc: Exception) -> CheckResult:
+    """The skip for a forward pass impossible here (one of ``CANNOT_RUN``).
+
+    A layer beyond the memory budget leaves a check that applies to this merge unverified
+    (it needs memory); a model class with no text path gives the family nothing to run.
+    """
+    if isinstance(exc, MemoryRefusal):
+        return CheckResult.skipped(str(exc), needs=["memory"])
+    return CheckResult.skipped(str(exc))
+
+
+def _traffic(ctx: Context) -> list[str]:
+    """Detail lines: the memory budget and what each streamed model read."""
+    lines = [pool(ctx).describe()]
+    for model in built_models(ctx):
+        t = model.traffic
+        lines.append(
+            f"{model.label}: {t.passes} forward passes, {format_size(t.bytes_read)} read"
+            f" ({t.units_read} units read, {t.units_kept} reused from memory)"
+        )
+    return lines
+
+
 def check_loads(ctx: Context) -> CheckResult:
-    """The merged folder loads with the task's auto class, fully, and gives finite outputs."""
+    """The merged folder loads with the task's class, fully, and gives finite outputs."""
+    try:
+        return _check_loads(ctx)
+    except CANNOT_RUN as exc:
+        return _cannot_run(exc)
+
+
+def _check_loads(ctx: Context) -> CheckResult:
     import torch
 
     unavailable = _unavailable(ctx, pair=False)
     if unavailable is not None:
         return unavailable
     s = setup(ctx)
-    model, info = merged_loaded(ctx)
-    name = type(model).__name__
+    streamed, info = merged_loaded(ctx)
+    name = type(streamed.model).__name__
     missing = list(info.get("missing_keys", []))
     if missing:
         shown = ", ".join(missing[:3]) + (
@@ -101,7 +138,11 @@ def check_loads(ctx: Context) -> CheckResult:
         # fp16's range (65504) is what overflows; compare in fp32 cannot show it, so one row
         # also runs in fp16 (the weights hold fp16 values: the casts are exact)
         row = pad_rows([list(probe.input_ids[0])], "none", 0)
-        runs.append(("F16", row, _outputs_in(model, "F16", row, s)))
+        half = merged_f16(ctx)
+        try:
+            runs.append(("F16", row, outputs(half, row, s.task, s.space)))
+        finally:
+            release_f16(ctx)
     for dtype, used, values in runs:
         bad = int((~torch.isfinite(values)).sum())
         if bad:
@@ -113,7 +154,7 @@ def check_loads(ctx: Context) -> CheckResult:
             )
     unexpected = list(info.get("unexpected_keys", []))
     message = (
-        f"loads as {name} ({s.compare}, {s.device}); outputs finite on a"
+        f"loads as {name} ({s.compare}, {s.device}, streamed per layer); outputs finite on a"
         f" {probe.batch}x{probe.length} probe"
         + "".join(f" and in {d} on a {u.batch}x{u.length} probe" for d, u, _ in runs[1:])
     )
@@ -122,20 +163,15 @@ def check_loads(ctx: Context) -> CheckResult:
             Outcome.WARNING,
             message + f"; {len(unexpected)} stored tensor(s) unused by {name}:"
             f" {', '.join(unexpected[:3])}",
-            [s.describe()],
+            [s.describe(), *_traffic(ctx)],
             {"unexpected_keys": unexpected},
         )
-    return CheckResult.passed(message, task=s.task, dtype=s.compare, model_class=name)
-
-
-def _outputs_in(model: Any, dtype: str, probe: ProbeInput, s: Setup) -> torch.Tensor:
-    """``model``'s outputs on ``probe`` computed in ``dtype`` (the model is cast back after)."""
-    before = next(model.parameters()).dtype
-    model.to(to_torch(dtype))
-    try:
-        return outputs(model, probe, s.task, s.device)
-    finally:
-        model.to(before)
+    return CheckResult(
+        Outcome.PASSED,
+        message,
+        [s.describe(), *_traffic(ctx)],
+        {"task": s.task, "dtype": s.compare, "model_class": name},
+    )
 
 
 def check_equivalence(ctx: Context) -> CheckResult:
@@ -143,11 +179,16 @@ def check_equivalence(ctx: Context) -> CheckResult:
     unavailable = _unavailable(ctx, pair=True)
     if unavailable is not None:
         return unavailable
-    comparer = Comparer(ctx)
+    try:
+        comparer = Comparer(ctx)
+    except CANNOT_RUN as exc:
+        return _cannot_run(exc)
     strategy = probes_for(comparer.setup.space)
-    found = search(comparer.measure, strategy, ctx.settings.examples)
+    found = search(comparer.measure_all, strategy, ctx.settings.examples)
+    result = equivalence_result(comparer, found)
+    result.details.extend(_traffic(ctx))
     release_twin(ctx)
-    return equivalence_result(comparer, found)
+    return result
 
 
 def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
@@ -227,53 +268,62 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
 
 def check_generation(ctx: Context) -> CheckResult:
     """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
-    import torch
-
-    unavailable = _unavailable(ctx, pair=True, memory=False)
-    if unavailable is not None:
-        return unavailable
-    s = setup(ctx)
-    if s.task != "CAUSAL_LM":
-        release_models(ctx)
-        return CheckResult.skipped(f"greedy decoding applies to causal LMs, not {s.task}")
     unavailable = _unavailable(ctx, pair=True)
     if unavailable is not None:
         return unavailable
-    comparer = Comparer(ctx)
-    tol = comparer.tolerance
+    s = setup(ctx)
+    if s.task not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        release_models(ctx)
+        return CheckResult.skipped(f"greedy decoding applies to language models, not {s.task}")
+    try:
+        comparer = Comparer(ctx)
+    except CANNOT_RUN as exc:
+        return _cannot_run(exc)
+    try:
+        return _generation(ctx, comparer)
+    finally:
+        release_models(ctx)
+
+
+def _generation(ctx: Context, comparer: Comparer) -> CheckResult:
+    import torch
+
+    s, tol = comparer.setup, comparer.tolerance
+    pad = s.space.pad_id or 0
+    asked = prompts(ctx.settings, s.space)
+    # every prompt decoded at once by M, one pass per token, as a user's generate() does
+    tokens = decode(comparer.merged, asked, GENERATE_TOKENS, pad, s.task)
+    # A's greedy choice after each common prefix, in one teacher-forced pass: its logits at
+    # step k are what lockstep decoding would see (the model is causal), so the first step
+    # where A's argmax differs is the first divergence
+    a_rows = teacher_forced(comparer.adapter, asked, tokens, pad, s.task)
+    a_picks = [[int(i) for i in torch.argmax(rows, dim=-1)] for rows in a_rows]
+    firsts = [first_divergence(t, a) for t, a in zip(tokens, a_picks, strict=True)]
+    r_rows = a_rows
+    if any(f is not None for f in firsts) and comparer.reference is not comparer.adapter:
+        r_rows = teacher_forced(comparer.reference, asked, tokens, pad, s.task)
+    twin_rows: list[torch.Tensor] = []
+
+    def twin_logits(index: int, step: int) -> torch.Tensor:
+        if not twin_rows:
+            twin_rows.extend(teacher_forced(twin_model(ctx), asked, tokens, pad, s.task))
+        return twin_rows[index][step]
+
     lines: list[str] = []
     tolerated = 0
-    for number, prompt in enumerate(prompts(ctx.settings, s.space), 1):
-        # M decodes token by token with its cache, as a user's generate() does
-        merged = Greedy(comparer.merged, prompt, s.device)
-        tokens: list[int] = []
-        for step in range(GENERATE_TOKENS):
-            tokens.append(int(torch.argmax(merged.logits)))
-            if step + 1 < GENERATE_TOKENS:
-                merged.push(tokens[-1])
-        # A's greedy choice after each common prefix, in one teacher-forced pass: its logits at
-        # position P-1+k are what lockstep decoding would see at step k (the model is causal),
-        # so the first position where A's argmax differs is the first divergence
-        forced = pad_rows([prompt + tokens[:-1]], "none", 0)
-        # (P + N - 1, vocab) -> the N positions that predict generated tokens
-        a_rows = comparer.run(comparer.adapter, forced)[len(prompt) - 1 :]
-        a_picks = [int(i) for i in torch.argmax(a_rows, dim=-1)]
-        first = first_divergence(tokens, a_picks)
+    for number, (prompt, first) in enumerate(zip(asked, firsts, strict=True), 1):
         if first is None:
             lines.append(f"prompt {number}: identical for {GENERATE_TOKENS} tokens")
             continue
-        a = a_rows[first]
-        ids = prompt + tokens[:first]
-        prefix = pad_rows([ids], "none", 0)
-        if comparer.reference is comparer.adapter:
-            r = a
-        else:
-            r = comparer.run(comparer.reference, prefix)[-1]
-
-        def twin_logits(prefix: ProbeInput = prefix) -> torch.Tensor:
-            return comparer.run(twin_model(ctx), prefix)[-1]
-
-        found = judge_divergence(r, a, tokens[first], a_picks[first], tol, twin_logits)
+        index = number - 1
+        found = judge_divergence(
+            r_rows[index][first],
+            a_rows[index][first],
+            tokens[index][first],
+            a_picks[index][first],
+            tol,
+            functools.partial(twin_logits, index, first),
+        )
         where = (
             f"prompt {number} token {first + 1}: merged picks {found.merged_token}, adapter model"
             f" picks {found.adapter_token}; reference logits differ by {found.gap:.3g}"
@@ -284,17 +334,16 @@ def check_generation(ctx: Context) -> CheckResult:
                 f"{where} <= 2 x noise allowance {found.allowed:.3g}: a near tie, tolerated"
             )
             continue
-        release_models(ctx)
+        ids = list(prompt) + tokens[index][:first]
         return CheckResult.failed(
             f"greedy decoding diverges at {where}, more than 2 x the noise allowance"
             f" {found.allowed:.3g}: not a rounding tie",
-            [f"prompt ids: {prompt}", f"common prefix: {ids}", s.describe(), tol.describe()],
-            prompt=prompt,
+            [f"prompt ids: {list(prompt)}", f"common prefix: {ids}", s.describe(), tol.describe()],
+            prompt=list(prompt),
             step=first + 1,
             gap=found.gap,
             allowed=found.allowed,
         )
-    release_models(ctx)
     count = len(lines)
     message = (
         f"greedy decoding identical on {count - tolerated} of {count} prompts for"
@@ -305,7 +354,7 @@ def check_generation(ctx: Context) -> CheckResult:
     return CheckResult(
         Outcome.PASSED,
         message,
-        [*lines, s.describe()],
+        [*lines, s.describe(), *_traffic(ctx)],
         {"prompts": count, "tolerated": tolerated, "tokens": GENERATE_TOKENS},
     )
 

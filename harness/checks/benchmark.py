@@ -25,6 +25,7 @@ from harness.evals.lm_eval import (
 )
 from harness.evals.stats import Summary
 from harness.evals.tokenizer import resize_note, resolve
+from harness.forward.pool import MemoryRefusal
 from harness.run.check import Check
 from harness.run.context import Context
 from harness.run.result import BenchmarkRecord, CheckResult, Family, Outcome
@@ -59,7 +60,10 @@ def run_metric(task: str, metric: str, ctx: Context) -> CheckResult:
     else:
         runs: dict[str, MetricRun] = {}
         for model in bench.models:
-            task_runs = run_lm_eval(ctx, model).get(task, {})
+            try:
+                task_runs = run_lm_eval(ctx, model).get(task, {})
+            except MemoryRefusal as exc:
+                return CheckResult.skipped(str(exc), needs=["memory"])
             if key not in task_runs:
                 known = ", ".join(k.replace(",none", "") for k in sorted(task_runs)) or "none"
                 return CheckResult.failed(
@@ -117,11 +121,14 @@ def run_perplexity(ctx: Context) -> CheckResult:
         )
     chunks, fingerprint = perplexity.tokenize(ctx)
     recorded = reusable(ctx, check_id(PERPLEXITY), fingerprint)
-    evidence = (
-        dict(recorded["evidence"])
-        if recorded is not None
-        else perplexity.evaluate(ctx, chunks, cfg.models)
-    )
+    try:
+        evidence = (
+            dict(recorded["evidence"])
+            if recorded is not None
+            else perplexity.evaluate(ctx, chunks, cfg.models)
+        )
+    except MemoryRefusal as exc:
+        return CheckResult.skipped(str(exc), needs=["memory"])
     outcome, message, details, figures = perplexity.judge(
         evidence, cfg.max_ratio, cfg.max_base_ratio, gate.confidence
     )

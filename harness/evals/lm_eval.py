@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.dtypes import torch_dtype_name
+from harness.dtypes import ITEMSIZE, torch_dtype_name
 from harness.errors import ConfigError, HarnessError
 from harness.evals.stats import (
     Decision,
@@ -39,7 +39,9 @@ from harness.evals.stats import (
 )
 from harness.evals.tokenizer import resolve, scratch_dir
 from harness.extras import install_hint
+from harness.forward.pool import MemoryRefusal
 from harness.io.models import refuse_hostile_patterns, refuse_remote_code
+from harness.memory import default_budget, format_size
 from harness.offline import enforce_offline
 from harness.run.config import BenchmarkConfig, Threshold
 from harness.run.context import Context, Key
@@ -222,7 +224,15 @@ class MetricRun:
 
 
 def model_args(ctx: Context, model: str, tokenizer: Path) -> dict[str, Any]:
-    """lm-eval HF backend arguments for the merged, base or adapter model (local folders)."""
+    """lm-eval HF backend arguments for the merged, base or adapter model (local folders).
+
+    A model larger than the memory budget (``--merge-memory``) is loaded by lm-eval's own
+    big-model path: ``parallelize=True`` with the budget as ``max_cpu_memory`` (or, on an
+    accelerator, ``max_memory_per_gpu``), so accelerate places what fits and offloads the rest,
+    its offload folder a private temporary folder. The unmerged adapter model cannot go that
+    way (peft cannot load an adapter onto a disk-offloaded model without rewriting its
+    shards), so when its base exceeds the budget it is refused (:class:`MemoryRefusal`).
+    """
     options = ctx.settings
     if model == "merged":
         if options.merged is None:
@@ -249,7 +259,31 @@ def model_args(ctx: Context, model: str, tokenizer: Path) -> dict[str, Any]:
         dtype=torch_dtype_name(options.dtype),
         trust_remote_code=options.trust_remote_code,
     )
+    checkpoint = ctx.merged() if model == "merged" else ctx.base()
+    size = _loaded_bytes(checkpoint.tensors.values(), options.dtype)
+    budget = options.memory or default_budget(options.device)
+    if size <= budget:
+        return args
+    if model == "adapter":
+        raise MemoryRefusal(
+            f"lm-eval would hold the unmerged adapter model whole ({format_size(size)}), beyond"
+            f" the {format_size(budget)} memory budget, and peft cannot load an adapter onto"
+            " lm-eval's disk-offloaded model; pass a larger --merge-memory (or use the"
+            " perplexity gate, which streams it)"
+        )
+    args["parallelize"] = True
+    args["offload_folder"] = str(scratch_dir(ctx) / "offload")
+    if options.device.split(":")[0] == "cpu":
+        args["max_cpu_memory"] = budget
+    else:
+        args["max_memory_per_gpu"] = budget
     return args
+
+
+def _loaded_bytes(tensors: Any, dtype: str | None) -> int:
+    """Bytes a checkpoint's tensors take once loaded in ``dtype`` (None: as stored)."""
+    width = ITEMSIZE.get(dtype or "", 0)
+    return sum(t.numel * (width or ITEMSIZE.get(t.dtype, 4)) for t in tensors)
 
 
 def run_lm_eval(ctx: Context, model: str) -> dict[str, dict[str, MetricRun]]:

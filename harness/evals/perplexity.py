@@ -8,34 +8,37 @@ with a Student's t interval over the windows. The gate passes when the whole int
 ratio lies within ``[1 / max_ratio, max_ratio]`` (a correct merge matches its adapter model in
 either direction), fails when it lies entirely outside, and is inconclusive otherwise. With
 ``max_base_ratio`` the merged model must also not be worse than the base by more than that
-ratio (one-sided). The models are loaded one at a time, so memory holds one model.
+ratio (one-sided). The models are streamed layer by layer, one at a time, within the memory
+budget (``--merge-memory``), in the comparison dtype of the behaviour checks (``--merge-dtype``,
+else chosen for the CPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from harness.dtypes import torch_dtype_name
+from harness.dtypes import to_torch
 from harness.errors import HarnessError, one_line
 from harness.evals.intervals import Interval, mean_interval
 from harness.evals.stats import Paired, Summary, pair, summarize
 from harness.evals.tokenizer import model_limits, resolve
-from harness.io.models import refuse_hostile_patterns, refuse_remote_code
+from harness.forward.build import Recipe, build_streamed
+from harness.forward.compute import default_compute
+from harness.forward.pool import Pool, activation_bytes
+from harness.forward.stream import StreamedModel
+from harness.io.models import read_config
 from harness.offline import enforce_offline
-from harness.run.context import Context
+from harness.run.context import Context, Key
 from harness.run.result import Outcome
 from harness.stream.hashing import hash_file
 
-if TYPE_CHECKING:
-    pass
-
 #: Default upper bound of the window (tokens).
 MAX_WINDOW = 512
-_BATCH = 8
 
 
 def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
@@ -50,49 +53,65 @@ def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
     return [ids] if len(ids) >= 2 else []
 
 
-def _load(ctx: Context, model: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+PERPLEXITY_POOL: Key[Pool] = Key("perplexity:pool")
 
+
+def compute_dtype(ctx: Context) -> str:
+    """The dtype the perplexity passes run in: ``--merge-dtype``, else chosen for the CPU."""
+    if ctx.settings.dtype:
+        return ctx.settings.dtype
+    sizes: dict[str, int] = {}
+    for info in ctx.merged().tensors.values():
+        sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    floating = {d: n for d, n in sizes.items() if d in ("F64", "F32", "BF16", "F16")}
+    stored = max(floating, key=lambda d: floating[d]) if floating else "F32"
+    return default_compute(stored, ctx.settings.device)
+
+
+def _load(ctx: Context, model: str, pool: Pool) -> StreamedModel:
+    """One of the models, streamed layer by layer within the run's memory budget."""
     options = ctx.settings
-    name = torch_dtype_name(options.dtype)
-    dtype: Any = "auto" if name == "auto" else getattr(torch, name)
-    kwargs = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
-    # the folders go to transformers and peft unguarded: check them as the harness reads files
-    for folder in (options.merged if model == "merged" else options.base,
-                   options.adapter if model == "adapter" else None):
-        if folder is not None:
-            refuse_remote_code(folder, options.trust_remote_code)
-    if model == "adapter" and options.adapter is not None and options.base is not None:
-        refuse_hostile_patterns(options.adapter, options.base)
-    loaded: Any
     if model == "merged":
         assert options.merged is not None
-        loaded = AutoModelForCausalLM.from_pretrained(options.merged, **kwargs)
+        recipe = Recipe(options.merged, ctx.merged(), "CAUSAL_LM", "the merged model")
     elif model == "base":
         if options.base is None:
             raise HarnessError("perplexity.max_base_ratio needs the base model: pass --base-model")
-        loaded = AutoModelForCausalLM.from_pretrained(options.base, **kwargs)
+        recipe = Recipe(options.base, ctx.base(), "CAUSAL_LM", "the base model")
     else:
-        from peft import PeftModel
-
         if options.base is None or options.adapter is None:
             raise HarnessError(
                 "the perplexity gate compares with the unmerged adapter model: pass --adapter"
             )
-        base = AutoModelForCausalLM.from_pretrained(options.base, **kwargs)
-        loaded = PeftModel.from_pretrained(base, options.adapter)
-    return loaded.to(options.device).eval()
+        recipe = Recipe(
+            options.base, ctx.base(), "CAUSAL_LM", "the adapter model", adapter=options.adapter
+        )
+    recipe = dataclasses.replace(recipe, trust_remote_code=options.trust_remote_code)
+    streamed, _ = build_streamed(
+        recipe, to_torch(compute_dtype(ctx)), device=options.device, pool=pool, keep=False
+    )
+    return streamed
 
 
-def window_nll(model: Any, chunks: list[list[int]], device: str) -> list[float]:
+def rows_per_pass(config: dict[str, Any], window: int, windows: int, budget: int) -> int:
+    """How many windows one pass scores (each pass reads every weight once).
+
+    All of them, or as many as a quarter of the budget holds in activations.
+    """
+    rows = max(1, windows)
+    while rows > 1 and activation_bytes(config, rows, window) > budget // 4:
+        rows = (rows + 1) // 2
+    return rows
+
+
+def window_nll(model: Any, chunks: list[list[int]], device: str, per_pass: int = 8) -> list[float]:
     """Mean per-token negative log-likelihood of each window under ``model``."""
     import torch
 
     out: list[float] = []
     with torch.inference_mode():
-        for start in range(0, len(chunks), _BATCH):
-            batch = chunks[start : start + _BATCH]
+        for start in range(0, len(chunks), per_pass):
+            batch = chunks[start : start + per_pass]
             width = max(len(c) for c in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -113,7 +132,6 @@ def window_nll(model: Any, chunks: list[list[int]], device: str) -> list[float]:
 def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
     """The text's equal windows of token ids, and the fingerprint of what they depend on."""
     from transformers import AutoTokenizer
-
 
     gate = ctx.settings.config
     assert gate is not None and gate.perplexity is not None
@@ -147,7 +165,7 @@ def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
         "window": window,
         "max_tokens": cfg.max_tokens,
         "tokenizer": tokenizer_print,
-        "dtype": ctx.settings.dtype,
+        "dtype": compute_dtype(ctx),
         "models": list(cfg.models),
     }
     fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -155,19 +173,28 @@ def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
 
 
 def evaluate(ctx: Context, chunks: list[list[int]], models: tuple[str, ...]) -> dict[str, Any]:
-    """Score the windows with each model in turn; return the evidence (sufficient statistics)."""
-    import gc
+    """Score the windows with each model in turn; return the evidence (sufficient statistics).
 
-
+    Each model is streamed layer by layer within ``--merge-memory`` (``harness.forward``) and
+    released before the next is built; the windows go through in as few passes as the budget's
+    activations allow.
+    """
+    assert ctx.settings.merged is not None
+    config = read_config(ctx.settings.merged)
+    window = max(len(c) for c in chunks)
+    pool = ctx.memo(PERPLEXITY_POOL, lambda: Pool(ctx.settings.device, ctx.settings.memory))
+    per_pass = rows_per_pass(config, window, len(chunks), pool.budget)
+    pool.set_reserve(activation_bytes(config, per_pass, window))
     per_model: dict[str, dict[int, float]] = {}
     restore = enforce_offline()
     try:
         for model in models:
-            loaded = _load(ctx, model)
-            scores = window_nll(loaded, chunks, ctx.settings.device)
+            loaded = _load(ctx, model, pool)
+            try:
+                scores = window_nll(loaded, chunks, ctx.settings.device, per_pass)
+            finally:
+                loaded.release()
             per_model[model] = dict(enumerate(scores))
-            del loaded
-            gc.collect()
     finally:
         restore()
     evidence: dict[str, Any] = {

@@ -33,6 +33,7 @@ AUTO_CLASSES: dict[str, str] = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
     "MASKED_LM": "AutoModelForMaskedLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
 }
 #: Class-name endings in ``config.json``'s ``architectures`` -> task, for a merge without an
 #: adapter config (first match wins).
@@ -50,13 +51,21 @@ HEAD_KEYS = ("num_labels", "id2label", "label2id", "pad_token_id", "problem_type
 
 
 def task_of(adapter_config: dict[str, Any] | None, model_config: dict[str, Any] | None) -> str:
-    """The model's task: the adapter's ``task_type`` when set, else from ``architectures``."""
+    """The model's task: the adapter's ``task_type`` when set, else from ``architectures``.
+
+    A ``*ForConditionalGeneration`` model is a sequence-to-sequence LM when its config is an
+    encoder-decoder (T5, BART), else a decoder with inputs beside text (vision-language models)
+    whose text path is a causal LM.
+    """
     task = (adapter_config or {}).get("task_type")
     if isinstance(task, str) and task:
         return task.upper()
+    encoder_decoder = bool((model_config or {}).get("is_encoder_decoder"))
     for name in (model_config or {}).get("architectures") or []:
         for suffix, found in _ARCHITECTURE_TASKS:
             if str(name).endswith(suffix):
+                if found == "SEQ_2_SEQ_LM" and not encoder_decoder:
+                    return "CAUSAL_LM"
                 return found
     return (
         "FEATURE_EXTRACTION" if model_config and model_config.get("architectures") else "CAUSAL_LM"

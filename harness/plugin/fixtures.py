@@ -209,10 +209,12 @@ def _load(case: MergeCase, what: str) -> Any:
 
 @pytest.fixture(scope="session")
 def base_model(merge_case: MergeCase) -> Any:
-    """The base model (transformers, eval mode) on ``--merge-device``, loaded once per session.
+    """The base model (transformers, eval mode) on ``--merge-device``, built once per session.
 
-    Loaded with the ``AutoModelFor*`` class of the adapter's task, offline, in the checkpoint's
-    dtype (``--merge-dtype`` to change it). Skips without ``--base-model``.
+    The ``AutoModelFor*`` class of the adapter's task, offline, in the comparison dtype
+    (``--merge-dtype`` to change it), its layers read from the checkpoint while it runs, within
+    ``--merge-memory`` (its parameters hold weights only during a forward pass). Skips without
+    ``--base-model``.
     """
     return _load(merge_case, "base")
 
@@ -221,16 +223,18 @@ def base_model(merge_case: MergeCase) -> Any:
 def adapter_model(merge_case: MergeCase) -> Any:
     """The unmerged adapter model: ``peft.PeftModel`` on the base, on ``--merge-device``.
 
-    Loaded once per session, in eval mode. Skips without ``--base-model`` and ``--adapter``.
+    Built once per session, in eval mode, the base's layers streamed like ``base_model``'s.
+    Skips without ``--base-model`` and ``--adapter``.
     """
     return _load(merge_case, "adapter")
 
 
 @pytest.fixture(scope="session")
 def merged_model(merge_case: MergeCase) -> Any:
-    """The merged model, loaded from its own folder exactly as a user would.
+    """The merged model, built from its own folder as a user loads it.
 
     ``AutoModelFor*`` of the task, offline (``local_files_only``), ``trust_remote_code`` only
     with ``--merge-trust-remote-code``, on ``--merge-device``, in eval mode; once per session.
+    Its layers are read from the checkpoint while it runs, within ``--merge-memory``.
     """
     return _load(merge_case, "merged")

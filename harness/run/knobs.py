@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.dtypes import from_name
+from harness.memory import parse_size
 from harness.run.result import Family
 
 
@@ -85,6 +86,18 @@ def parse_dtype(value: Any) -> str:
     return code
 
 
+def parse_memory(value: Any) -> int:
+    """A memory budget: ``6GiB``, ``6G``, ``1.5GB``, ``512MiB`` or a number of bytes."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise KnobError(f"must be a size such as 6GiB or 512MiB, got {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise KnobError(str(exc)) from None
+
+
 def parse_families(value: Any) -> frozenset[Family]:
     """Families of checks: a comma-separated string or a list of names."""
     names = value.split(",") if isinstance(value, str) else value
@@ -136,6 +149,10 @@ KNOBS: tuple[Knob, ...] = (
          "device for forward passes and evaluation: cpu, cuda, cuda:1"),
     Knob("dtype", "--merge-dtype", "dtype", parse_dtype, None, "DTYPE",
          "dtype for forward passes (default: chosen for the device and the stored dtype)"),
+    Knob("memory", "--merge-memory", "memory", parse_memory, None, "SIZE",
+         "memory the forward passes may hold: weights in flight, adapter, cached layers and"
+         " activations (default: 2 GiB, or one streamed layer's working set if larger, at most"
+         " 3/4 of the available memory; on an accelerator 3/4 of its free memory)"),
 )
 
 #: Knob by field name.

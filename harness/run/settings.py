@@ -70,6 +70,8 @@ class Settings:
     timeout: float | None = BY_NAME["timeout"].default
     device: str = BY_NAME["device"].default
     dtype: str | None = BY_NAME["dtype"].default
+    #: Bytes the forward passes may hold (None: derived from the available memory).
+    memory: int | None = BY_NAME["memory"].default
     #: The validated gate configuration file (empty when there is none).
     config: GateConfig = field(default_factory=GateConfig)
     lock_path: Path | None = None

@@ -1,0 +1,136 @@
+"""Many probes in one forward pass: one read of a streamed model's weights for a whole batch.
+
+Probes are stacked row-wise into one batch. A probe shorter than the batch is extended on the
+right with padding under attention mask 0, which leaves its own tokens' outputs as they were:
+its tokens keep their positions (position ids count from the row's start whatever the mask),
+causal attention never looks to the right, and masked keys get zero attention weight. Each
+probe's outputs are then cut back out at its own non-padded positions. A model that cannot take
+padding (a decoder classifier without a pad token) gets one pass per distinct probe length.
+Encoder-decoder models are given the probe as the encoder input and, shifted right by the
+model's own ``prepare_decoder_input_ids_from_labels``, as the decoder input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from harness.behaviour.probe import ProbeInput, ProbeSpace
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.forward.stream import StreamedModel
+
+#: Models below this many parameters run their CPU forward passes on one thread: their matrices
+#: are too small to split, and on a busy machine extra threads only wait for each other (a
+#: tiny model's forward pass was 6x slower on two contended threads than on one).
+SMALL_MODEL_PARAMETERS = 5_000_000
+#: Tasks whose model is an encoder-decoder (the decoder input is the probe shifted right).
+SEQ2SEQ = frozenset({"SEQ_2_SEQ_LM"})
+
+
+@contextlib.contextmanager
+def compute_threads(model: StreamedModel) -> Iterator[None]:
+    """Run a small model's CPU forward passes single-threaded (restored afterwards)."""
+    import torch
+
+    if model.device.type != "cpu" or model.numel >= SMALL_MODEL_PARAMETERS:
+        yield
+        return
+    # torch's thread count is per calling thread: set it in the thread that computes
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stack(probes: Sequence[ProbeInput], pad_id: int) -> ProbeInput:
+    """One probe holding every row of ``probes``, each extended on the right to one length."""
+    width = max(p.length for p in probes)
+    ids: list[tuple[int, ...]] = []
+    masks: list[tuple[int, ...]] = []
+    for probe in probes:
+        for row, mask in zip(probe.input_ids, probe.attention_mask, strict=True):
+            gap = width - len(row)
+            ids.append(tuple(row) + (pad_id,) * gap)
+            masks.append(tuple(mask) + (0,) * gap)
+    return ProbeInput(tuple(ids), tuple(masks), "mixed")
+
+
+def groups(probes: Sequence[ProbeInput], space: ProbeSpace) -> list[list[int]]:
+    """Indices of ``probes`` that can share one pass (all of them, unless padding is refused)."""
+    if "right" in space.paddings or "left" in space.paddings:
+        return [list(range(len(probes)))]
+    by_length: dict[int, list[int]] = {}
+    for index, probe in enumerate(probes):
+        by_length.setdefault(probe.length, []).append(index)
+    return list(by_length.values())
+
+
+def model_inputs(model: StreamedModel, probe: ProbeInput, task: str) -> dict[str, torch.Tensor]:
+    """The keyword arguments of one forward pass on ``probe`` (decoder inputs for seq2seq)."""
+    inputs = probe.tensors(model.device)
+    if task in SEQ2SEQ:
+        prepare = getattr(model.plain, "prepare_decoder_input_ids_from_labels", None)
+        labels = inputs["input_ids"]
+        if prepare is None:
+            raise ValueError(
+                f"{type(model.plain).__name__} cannot shift labels into decoder inputs"
+            )
+        inputs["decoder_input_ids"] = prepare(labels=labels)
+        inputs["decoder_attention_mask"] = inputs["attention_mask"]
+    return inputs
+
+
+def logits_of(out: Any, task: str) -> torch.Tensor:
+    """The comparable output of a forward pass: logits, QA start/end, or hidden states."""
+    import torch
+
+    if task == "QUESTION_ANS":
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    if getattr(out, "logits", None) is not None:
+        values: torch.Tensor = out.logits
+        return values
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
+
+
+def run_probes(
+    model: StreamedModel, probes: Sequence[ProbeInput], task: str, space: ProbeSpace
+) -> list[torch.Tensor]:
+    """Each probe's outputs at its non-padded positions, ``(rows, K)`` on the CPU.
+
+    Per-token outputs (LM logits, token classes, hidden states) keep the positions whose mask is
+    1; per-sequence outputs (classification logits) one row per probe row. One forward pass per
+    group (see :func:`groups`), in the model's output dtype (the caller measures in float64).
+    """
+    import torch
+
+    found: list[torch.Tensor | None] = [None] * len(probes)
+    pad = space.pad_id or 0
+    for group in groups(probes, space):
+        batch = stack([probes[i] for i in group], pad)
+        with torch.inference_mode(), compute_threads(model):
+            values = logits_of(model(**model_inputs(model, batch, task)), task).detach()
+        row = 0
+        for index in group:
+            probe = probes[index]
+            # (rows, length, K) of this probe, or (rows, K) per sequence
+            part = values[row : row + probe.batch]
+            row += probe.batch
+            if part.dim() == 3:
+                mask = torch.tensor(probe.attention_mask, dtype=torch.bool, device=part.device)
+                part = part[:, : probe.length][mask]
+            found[index] = part.reshape(part.shape[0], -1).cpu()
+    return [f for f in found if f is not None]
+
+
+def outputs(model: StreamedModel, probe: ProbeInput, task: str, space: ProbeSpace) -> torch.Tensor:
+    """One probe's outputs as float64 ``(rows, K)`` (see :func:`run_probes`)."""
+    import torch
+
+    return run_probes(model, [probe], task, space)[0].to(torch.float64)
