@@ -372,6 +372,9 @@ def test_refused_run_writes_nothing(pytester, private_inputs, monkeypatch):
                             "-rs")
     result.stdout.fnmatch_lines(["*one unit (model.* needs *> 4 KiB memory budget*"])
     assert "passed" not in result.stdout.str().split("merge::behaviour::sidecars")[0]
+    # the checks applied and verified nothing: the gate names memory as what they lacked (a
+    # full gate fails on it; this partial one lists it)
+    result.stdout.fnmatch_lines(["*not verified:", "*merge::behaviour::loads: needs memory"])
 
 
 def test_interrupted_run_writes_nothing(pytester, private_inputs, monkeypatch):
