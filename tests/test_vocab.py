@@ -138,3 +138,25 @@ def test_the_streaming_merger_refuses_to_resize(flow, tmp_path):
     base, adapter, _ = flow
     with pytest.raises(MergeError, match="trained on a resized vocabulary"):
         merge_checkpoint(base, adapter, tmp_path / "ours", progress=False)
+
+
+def test_the_behaviour_comparisons_skip_with_the_reason(flow):
+    """The unmerged adapter model needs the resized base, which the user never has: a skip."""
+    from harness.behaviour.models import release_models
+    from harness.checks.behaviour import checks as behaviour_checks
+
+    base, adapter, merged = flow
+    settings = Settings(merged=merged, base=base, adapter=adapter, examples=2)
+    ctx = Context(settings)
+    try:
+        found = {c.name: run_check(c, ctx) for c in behaviour_checks(settings)
+                 if c.name in ("loads", "equivalence", "generation")}
+    finally:
+        release_models(ctx)
+    assert found["loads"].outcome is Outcome.PASSED, found["loads"].message
+    for name in ("equivalence", "generation"):
+        result = found[name]
+        assert result.outcome is Outcome.SKIPPED, (name, result.message)
+        assert result.message.startswith("the merge grew the vocabulary (")
+        assert "model.embed_tokens.weight 128 -> 133 rows" in result.message
+        assert not result.needs

@@ -41,6 +41,7 @@ from harness.behaviour.models import (
 )
 from harness.behaviour.probe import pad_rows
 from harness.behaviour.search import Search, search
+from harness.checks.passes import growth
 from harness.checks.sidecars import check_sidecars
 from harness.errors import HarnessError
 from harness.forward.pool import MemoryRefusal
@@ -78,6 +79,17 @@ def _unavailable(ctx: Context, *, pair: bool) -> CheckResult | None:
             " behaviour::loads checks it loads and gives finite outputs)",
             needs=missing,
         )
+    if pair:
+        grown = growth(ctx)
+        if grown.explained:
+            # peft applies the adapter to a base resized before training; that base is never
+            # saved, and the one given has fewer rows, so the unmerged adapter model cannot be
+            # built. Nothing the user can pass would change that: a skip, not a missing input.
+            return CheckResult.skipped(
+                f"the merge grew the vocabulary ({grown.describe()}): the unmerged adapter model"
+                " needs the base resized before training, which is never saved; the weights"
+                " family checks the old rows and the new ones exactly"
+            )
     return None
 
 
