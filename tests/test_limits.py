@@ -17,6 +17,7 @@ import time
 
 import pytest
 from support.guard import install_family
+from support.signals import sigint_as_from_a_terminal
 
 from harness.limits import Expired, enforceable, run_limited, time_limit
 from harness.run.check import Check
@@ -142,6 +143,7 @@ def test_ctrl_c_interrupts_a_gil_holding_check(pytester, tiny_llama, timeout):
         [sys.executable, "-m", "pytest", "-p", "no:randomly", "-s", "--merge-checks", "security",
          "--merged-model", str(tiny_llama.merged), *timeout],
         cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     try:
         assert process.stdout is not None

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.signals import sigint_as_from_a_terminal
 
 from harness.io.staging import MARKER, PARTIAL, lock_path
 
@@ -65,7 +66,8 @@ def env() -> dict[str, str]:
 
 def start(base: Path, adapter: Path, out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(merge_command(base, adapter, out), env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=sigint_as_from_a_terminal)
 
 
 def wait_for_shard(parent: Path, out: Path, process: subprocess.Popen[str]) -> Path:
