@@ -318,3 +318,29 @@ def test_lm_eval_gets_the_budget_through_its_loading_arguments(evaluated, tiny_l
         prefer_task, {"acc": {"max_adapter_diff": 0.1}}), prefer_task / "gate.toml",
         memory=40 * 1024))
     assert skipped.outcome is Outcome.SKIPPED and "memory budget" in skipped.message
+
+
+@pytest.mark.parametrize("kind", ["pipe", "binary"])
+def test_a_perplexity_text_that_is_no_text_file_is_one_line(tiny_llama, tmp_path, kind):
+    """A pipe is refused before it is opened (it would block the run); bytes that are not
+    UTF-8 are named as such."""
+    import os
+
+    from harness.errors import HarnessError
+
+    text = tmp_path / "text.txt"
+    if kind == "pipe":
+        os.mkfifo(text)
+    else:
+        text.write_bytes(b"\xff\xfe\x00 not text")
+    ctx = _perplexity_context(tiny_llama, tmp_path)
+    gate = ctx.settings.config
+    assert gate is not None and gate.perplexity is not None
+    perplexity_config = dataclasses.replace(gate.perplexity, text=text)
+    ctx.settings = dataclasses.replace(
+        ctx.settings, config=dataclasses.replace(gate, perplexity=perplexity_config)
+    )
+    expected = "not a regular file" if kind == "pipe" else "not UTF-8 text"
+    with pytest.raises(HarnessError, match=expected) as caught:
+        run_perplexity(ctx)
+    assert "\n" not in str(caught.value) and str(text) in str(caught.value)

@@ -31,6 +31,7 @@ from harness.forward.build import Recipe, build_streamed
 from harness.forward.compute import default_compute
 from harness.forward.pool import Pool, activation_bytes
 from harness.forward.stream import StreamedModel
+from harness.io.files import read_bounded
 from harness.io.models import read_config
 from harness.offline import enforce_offline
 from harness.run.context import Context, Key
@@ -39,6 +40,8 @@ from harness.stream.hashing import hash_file
 
 #: Default upper bound of the window (tokens).
 MAX_WINDOW = 512
+#: The largest perplexity text read: far beyond any ``max_tokens`` worth scoring on a CPU.
+MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 
 def windows(ids: list[int], window: int, max_tokens: int) -> list[list[int]]:
@@ -142,10 +145,13 @@ def tokenize(ctx: Context) -> tuple[list[list[int]], str]:
     window = cfg.window or min(MAX_WINDOW, positions)
     if window > positions:
         raise HarnessError(f"perplexity.window {window} exceeds the model's context of {positions}")
+    # The file the configuration names: a regular file of bounded size (a pipe would block the
+    # run, /dev/zero would fill memory); a symlink may lead anywhere, as for any named file.
+    data = read_bounded(cfg.text, MAX_TEXT_BYTES, what="perplexity text", confined=False)
     try:
-        text = cfg.text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HarnessError(f"perplexity.text {cfg.text}: cannot read: {exc}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"perplexity.text {cfg.text}: not UTF-8 text: {exc}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # a broken tokenizer file is bad input, named as such
