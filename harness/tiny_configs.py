@@ -10,49 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+#: The shape every tiny decoder shares: 2 layers, 32 wide, 4 query and 2 key/value heads, a
+#: 128-token vocabulary. Each architecture adds only what its config needs beyond it.
+_SHAPE: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+)
+
 #: Tiny configs per architecture: (transformers config class name, keyword arguments).
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": (
-        "LlamaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "mistral": (
-        "MistralConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            sliding_window=None,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "llama": ("LlamaConfig", dict(_SHAPE, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(_SHAPE, sliding_window=None, tie_word_embeddings=False)),
     # Qwen2 ties the output head to the input embedding.
-    "qwen2": (
-        "Qwen2Config",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "qwen2": ("Qwen2Config", dict(_SHAPE, tie_word_embeddings=True)),
     # GPT-2 uses Conv1D (weights stored (in, out)): LoRA needs fan_in_fan_out=True.
     "gpt2": (
         "GPT2Config",
@@ -67,34 +42,10 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
-    "gemma": (
-        "GemmaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=128,
-            max_position_embeddings=128,
-        ),
-    ),
+    "gemma": ("GemmaConfig", dict(_SHAPE, head_dim=8)),
     "phi3": (
         "Phi3Config",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        ),
+        dict(_SHAPE, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
     ),
 }
 
@@ -114,9 +65,8 @@ ENCODERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
-_MOE = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=128,
-            tie_word_embeddings=False, num_experts_per_tok=2)
+_MOE = dict(_SHAPE, intermediate_size=24, head_dim=8, tie_word_embeddings=False,
+            num_experts_per_tok=2)
 #: Mixture-of-experts decoders (4 experts): transformers 5 fuses their experts into 3-d
 #: parameters that LoRA adapts through ``target_parameters`` (:data:`MOE_PARAMETERS`). Not drawn
 #: by the default strategies.
