@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from support.damage import join, split
 
 #: Workflow commands as GitHub documents them, in the forms an attacker would plant.
 COMMAND_FORMS = (
@@ -33,19 +33,6 @@ COMMAND_FORMS = (
     "##[error]legacy",
     "##[set-output name=outcome;]passed",
 )
-
-
-def split(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A safetensors file as (header dict, data bytes)."""
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
-
-
-def join(header: dict[str, Any], data: bytes) -> bytes:
-    """A safetensors file from a header dict (any JSON-able names) and data bytes."""
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + data
 
 
 def add_tensor(path: Path, name: str, nbytes: int = 4) -> None:
