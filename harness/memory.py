@@ -34,10 +34,11 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
-#: The default budget on a CPU: the forward passes' working set (one layer in flight and the
-#: next one read ahead, the adapter, activations) plus layers kept between passes, up to this
-#: much. More only makes repeated passes faster; less keeps the harness a good neighbour on a
-#: shared runner and its memory the same whatever the model size (see docs/forward-passes.md).
+#: The default budget on a CPU: the forward passes' working set (one layer in flight and, room
+#: permitting, the next one read ahead, the adapter, activations) plus layers kept between
+#: passes, up to this much. More only makes repeated passes faster; less keeps the harness a good
+#: neighbour on a shared runner and its memory the same whatever the model size (see
+#: docs/forward-passes.md).
 DEFAULT_CPU_BUDGET = 2 * GIB
 #: Never take more than this share of the available memory by default.
 DEFAULT_SHARE = 0.75
@@ -127,11 +128,11 @@ def suggest_size(nbytes: int | float) -> str:
     return f"{max(1, math.ceil(nbytes / 1024))}KiB"
 
 
-def default_budget(device: str = "cpu", working_set: int = 0) -> int:
+def default_budget(device: str = "cpu", floor: int = 0) -> int:
     """The forward-pass budget when ``--merge-memory`` is not given.
 
-    On a CPU: ``DEFAULT_CPU_BUDGET``, raised to ``working_set`` (what one streamed pass of the
-    model at hand needs: a layer, the adapter, activations) when that is larger, and never more
+    On a CPU: ``DEFAULT_CPU_BUDGET``, raised to ``floor`` (the least one streamed pass of the
+    model at hand needs: one layer, the adapter, activations) when that is larger, and never more
     than ``DEFAULT_SHARE`` of the available memory. On an accelerator: ``DEFAULT_SHARE`` of its
     free memory (more layers kept there only make passes faster). Unknown availability leaves
     the CPU default.
@@ -139,7 +140,7 @@ def default_budget(device: str = "cpu", working_set: int = 0) -> int:
     free = available_bytes(device)
     if device.split(":")[0] not in ("cpu", "mps"):
         return int(free * DEFAULT_SHARE) if free else DEFAULT_CPU_BUDGET
-    wanted = max(DEFAULT_CPU_BUDGET, working_set)
+    wanted = max(DEFAULT_CPU_BUDGET, floor)
     if free is None:
         return wanted
     return max(min(wanted, int(free * DEFAULT_SHARE)), 1)

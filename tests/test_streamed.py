@@ -239,6 +239,7 @@ def test_budget_arithmetic():
     owner = object()
     pool.admit(owner, "m", 20, [("a", 30), ("b", 40)], cache=True)
     assert pool.working_set() == 20 + 10 + 2 * 40
+    assert pool.floor() == 20 + 10 + 40
     assert pool.take(40) and pool.used == 70
     assert not pool.can_read_ahead(40) and pool.can_read_ahead(30)
     assert not pool.give(owner, "b", {}, 40)  # no room beyond the working set to keep it
@@ -247,7 +248,7 @@ def test_budget_arithmetic():
     with pytest.raises(MemoryRefusal, match="one unit \\(c\\) needs 80 B"):
         pool.admit(other, "n", 0, [("c", 80)], cache=True)
     assert id(other) not in pool.members
-    # the derived default grows to the working set, within the available memory
+    # the derived default grows to the floor (one unit, not two), within the available memory
     assert default_budget("cpu", 3 * GIB) >= min(3 * GIB, default_budget("cpu"))
     assert parse_size("6GiB") == 6 * GIB and parse_size("1.5G") == int(1.5 * GIB)
     assert parse_size("512MB") == 512 * 10**6 and parse_size(4096) == 4096
@@ -428,3 +429,24 @@ def test_compute_dtype_follows_the_cpu(tmp_path, monkeypatch):
         assert compute.default_compute("BF16", "cpu") in ("BF16", "F32")
     finally:
         compute.native_bf16.cache_clear()
+
+
+def test_the_default_budget_holds_one_large_unit_not_two(monkeypatch):
+    """A model whose layer is large gets the room it needs for one layer, not for read-ahead:
+    the default budget stays 2 GiB (memory flat in model size) and nothing is read ahead."""
+    import harness.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu", meminfo=None: 20 * GIB)
+    pool = Pool("cpu")
+    pool.set_reserve(600 * MIB)
+    owner = object()
+    layer = 800 * MIB  # a 7B decoder layer in fp32
+    pool.admit(owner, "m", 160 * MIB, [("model.layers.0", layer)], cache=True)
+    assert pool.working_set() > memory.DEFAULT_CPU_BUDGET
+    assert pool.budget == memory.DEFAULT_CPU_BUDGET
+    assert pool.take(layer) and not pool.can_read_ahead(layer)
+    assert not pool.give(owner, "model.layers.0", {}, layer)  # nothing kept between passes
+    # a layer too large for the fixed default raises it to the floor, no further
+    big = Pool("cpu")
+    big.admit(object(), "n", 0, [("model.layers.0", 3 * GIB)], cache=True)
+    assert big.budget == big.floor() == 3 * GIB

@@ -8,8 +8,12 @@ unit fits beside the resident tensors and the reserve; otherwise it is refused w
 set (the largest unit twice: one running, one read ahead into the memory of the unit released
 before, ``forward.buffers``), first come first kept: a
 sequential pass over more layers than fit would evict every kept layer before reuse, so keeping
-a fixed share is what saves reads. The default budget grows to a model's working set when the
-available memory allows (``harness.memory.default_budget``).
+a fixed share is what saves reads. A unit is read ahead only while the budget has room for it.
+The default budget grows only to a model's *floor* (one unit beside the resident tensors and the
+reserve) when that exceeds the fixed default (``harness.memory.default_budget``): a model whose
+layers are large runs without read-ahead rather than holding two of them, which keeps the
+memory of the default suite nearly the same whatever the model size (a unit is read in well
+under a tenth of the time it computes at that size).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class Pool:
 
     # ---- the budget ---------------------------------------------------------------------
 
+    def floor(self) -> int:
+        """Resident tensors, the reserve, and the largest unit once: the least a pass needs."""
+        return self.resident + self.reserve + self.largest
+
     def working_set(self) -> int:
         """Resident tensors, the reserve, and room for the largest unit twice.
 
@@ -84,11 +92,11 @@ class Pool:
 
     @property
     def budget(self) -> int:
-        """The budget in bytes: ``--merge-memory``, else derived once, grown as models need."""
+        """The budget in bytes: ``--merge-memory``, else derived once, grown to the floor."""
         if self.requested is not None:
             return self.requested
-        if self._derived < self.working_set():
-            self._derived = max(self._derived, default_budget(self.device, self.working_set()))
+        if self._derived < self.floor():
+            self._derived = max(self._derived, default_budget(self.device, self.floor()))
         return self._derived
 
     @property

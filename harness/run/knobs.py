@@ -151,8 +151,8 @@ KNOBS: tuple[Knob, ...] = (
          "dtype for forward passes (default: chosen for the device and the stored dtype)"),
     Knob("memory", "--merge-memory", "memory", parse_memory, None, "SIZE",
          "memory the forward passes may hold: weights in flight, adapter, cached layers and"
-         " activations (default: 2 GiB, or one streamed layer's working set if larger, at most"
-         " 3/4 of the available memory; on an accelerator 3/4 of its free memory)"),
+         " activations (default: 2 GiB, or what one streamed layer needs if more, at most 3/4"
+         " of the available memory; on an accelerator 3/4 of its free memory)"),
 )
 
 #: Knob by field name.
