@@ -3,6 +3,7 @@
     python benchmarks/behaviour_calibration.py --merges 300 --probes 10
     python benchmarks/behaviour_calibration.py --merges 50 --architectures llama,gpt2 --dtypes BF16
     python benchmarks/behaviour_calibration.py --merges 300 --compare stored   # the native rule
+    python benchmarks/behaviour_calibration.py --merges 300 --layers    # behaviour::layers' C_LAYER
 
 Draws merge cases with ``harness.strategies.merge_cases`` (tiny models, LoRA/rsLoRA/DoRA/patterns/
 modules_to_save, peft's merge and the streaming merger), builds each, and on hypothesis-drawn
@@ -19,6 +20,11 @@ on CPUs with AMX or AVX512-BF16):
 Prints the largest ratios per architecture and dtype, and the constants the check should use:
 1.5x the largest ratio seen, rounded up to a whole number (``harness.behaviour.measure.C_MAX`` and
 ``C_MEAN``). Every merge here is correct, so any ratio is rounding noise.
+
+With ``--layers`` it calibrates ``behaviour::layers`` instead: on the calibration probe, each
+layer of M teacher-forced with R's inputs, the ratio a merge needs to pass,
+``(q(M) - eps * scale) / max(q(A), q(T))`` per layer (``harness.behaviour.layers``), and the
+largest over layers and merges; the suggested ``C_LAYER`` is 1.5x that, rounded up to a half.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from harness import tiny
+from harness.behaviour import layers as layer_rule
 from harness.behaviour import measure as behaviour
 from harness.behaviour.models import release_models
 from harness.run.context import Context
@@ -53,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="F32,BF16,F16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jsonl", type=Path, default=None, help="also write one line per merge")
+    parser.add_argument("--layers", action="store_true",
+                        help="calibrate behaviour::layers (C_LAYER) instead of the probe rule")
     parser.add_argument(
         "--compare",
         choices=("default", "stored"),
@@ -92,6 +101,21 @@ def main(argv: list[str] | None = None) -> int:
         dtype = spec.model.dtype if args.compare == "stored" else None
         options = Settings(merged=built.merged, base=built.base, adapter=built.adapter, dtype=dtype)
         ctx = Context(options)
+        if args.layers:
+            needed = 0.0
+            for f in layer_rule.measure_layers(ctx):
+                need = _ratio(max(f.merged - (f.allowed - layer_rule.C_LAYER * f.noise), 0.0),
+                              f.noise)
+                needed = max(needed, need)
+            key = (spec.model.arch, spec.model.dtype)
+            worst[key][0] = max(worst[key][0], needed)
+            worst[key][2] += 1
+            top.append((needed / layer_rule.C_LAYER, spec.key()))
+            if sink:
+                sink.write(json.dumps({"spec": spec.key(), "needed": needed}) + "\n")
+            release_models(ctx)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         comparer = behaviour.Comparer(ctx)
         rows = []
         # every probe of a merge in one streamed pass per model, as the check measures them
@@ -113,6 +137,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     sweep()
+    if args.layers:
+        print(f"{count[0]} correct merges, {time.perf_counter() - started:.0f} s")
+        print(f"{'architecture':12} {'dtype':5} {'merges':>6} {'layer-ratio':>11}")
+        for (arch, dtype), (needed, _, n) in sorted(worst.items()):
+            print(f"{arch:12} {dtype:5} {n:6d} {needed:11.2f}")
+        largest = max(w[0] for w in worst.values())
+        print(f"largest: layer-ratio {largest:.2f}")
+        suggested = math.ceil(3 * largest) / 2
+        print(f"suggested: C_LAYER = {suggested:g} (in use: {layer_rule.C_LAYER:g})")
+        used, key = max(top)
+        print(f"largest share of the allowance used by a correct merge: {used:.0%} ({key})")
+        shutil.rmtree(root, ignore_errors=True)
+        return 0 if used <= 1 else 1
     print(
         f"{count[0]} correct merges, {sum(w[2] for w in worst.values())} probes,"
         f" {time.perf_counter() - started:.0f} s"

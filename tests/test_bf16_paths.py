@@ -19,7 +19,12 @@ from support.checkpoints import read_tensors, write_faulty
 from support.faults import DELTA_FAULTS, inject
 from support.oracle import oracle, weight_results
 
-from harness.run.result import Outcome
+from harness.behaviour.models import release_models
+from harness.checks.behaviour import checks as behaviour_checks
+from harness.run.context import Context
+from harness.run.result import CheckResult, Outcome
+from harness.run.runner import run_check
+from harness.run.settings import Settings
 from harness.tiny import build_adapter, build_base
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -136,3 +141,27 @@ def test_a_tiny_delta_left_out_is_still_caught(bf16_base, tmp_path):
     found = weight_results(noop, base, adapter)
     assert found["adapter_applied"].outcome is Outcome.FAILED
     assert "adapter not applied" in found["adapter_applied"].message
+
+
+def _forward_results(base: Path, adapter: Path, merged: Path) -> dict[str, CheckResult]:
+    settings = Settings(merged=merged, base=base, adapter=adapter, examples=6)
+    ctx = Context(settings)
+    try:
+        return {c.name: run_check(c, ctx) for c in behaviour_checks(settings)
+                if c.name in ("equivalence", "layers")}
+    finally:
+        release_models(ctx)
+
+
+def _accepted(base: Path, adapter: Path, merged: Path) -> None:
+    """Their rounding differs from the twin's: within the allowance of every comparison."""
+    found = _forward_results(base, adapter, merged)
+    assert {n: r.message for n, r in found.items() if r.outcome is not Outcome.PASSED} == {}
+
+
+def test_the_forward_passes_accept_a_merge_with_bf16_factors(plain):
+    _accepted(*plain)
+
+
+def test_the_forward_passes_accept_a_converted_adapter_merged_in_bf16(converted):
+    _accepted(*converted)

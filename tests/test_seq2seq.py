@@ -139,22 +139,31 @@ def test_seq2seq_correct_merge_passes_and_a_fault_fails(name, seq2seq_cases, tmp
     assert json.loads((case.adapter / "adapter_config.json").read_text())["task_type"] == (
         "SEQ_2_SEQ_LM"
     )
-    for check in ("loads", "equivalence", "generation"):
+    for check in ("loads", "equivalence", "layers", "generation"):
         result = run(check, case, examples=6)
         assert result.outcome is Outcome.PASSED, f"{check}: {explain(result)}"
     assert "ForConditionalGeneration" in run("loads", case).message
+    # both stacks judged layer by layer: the decoder's layers given R's encoder states too
+    rows = "\n".join(run("layers", case).details)
+    stacks = {"t5": ("encoder.block.0", "decoder.block.0"),
+              "switch": ("encoder.block.0", "decoder.block.0"),
+              "bart": ("encoder.layers.0", "decoder.layers.0")}[name]
+    assert all(f"model.{s}:" in rows or f"{s}:" in rows for s in stacks), rows
     faulty = MergeCase(inject(case.merged, case.base, "sign", tmp_path / "sign"), case.base,
                        case.adapter)
     result = run("equivalence", faulty, examples=6)
     assert result.outcome is Outcome.FAILED, explain(result)
     assert "minimal failing input" in result.details[0]
+    assert run("layers", faulty).outcome is Outcome.FAILED
 
 
 def test_vision_language_text_path_passes_and_a_fault_fails(llava_case, tmp_path):
-    for check in ("loads", "equivalence", "generation"):
+    for check in ("loads", "equivalence", "layers", "generation"):
         result = run(check, llava_case, examples=6)
         assert result.outcome is Outcome.PASSED, f"{check}: {explain(result)}"
         assert result.metrics.get("setup", {}).get("task", "CAUSAL_LM") == "CAUSAL_LM"
+    # the text path's layers only: the vision tower never runs on token ids
+    assert run("layers", llava_case).metrics["layers"] == 2
     assert "LlavaForConditionalGeneration" in run("loads", llava_case).message
     faulty = MergeCase(inject(llava_case.merged, llava_case.base, "sign", tmp_path / "sign"),
                        llava_case.base, llava_case.adapter)

@@ -150,11 +150,11 @@ def test_the_behaviour_comparisons_skip_with_the_reason(flow):
     ctx = Context(settings)
     try:
         found = {c.name: run_check(c, ctx) for c in behaviour_checks(settings)
-                 if c.name in ("loads", "equivalence", "generation")}
+                 if c.name in ("loads", "equivalence", "layers", "generation")}
     finally:
         release_models(ctx)
     assert found["loads"].outcome is Outcome.PASSED, found["loads"].message
-    for name in ("equivalence", "generation"):
+    for name in ("equivalence", "layers", "generation"):
         result = found[name]
         assert result.outcome is Outcome.SKIPPED, (name, result.message)
         assert result.message.startswith("the merge grew the vocabulary (")

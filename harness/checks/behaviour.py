@@ -20,6 +20,8 @@ from harness.behaviour.generation import (
     prompts,
     teacher_forced,
 )
+from harness.behaviour.layers import C_LAYER, QUANTILE, measure_layers
+from harness.behaviour.layers import CALIBRATION as LAYER_CALIBRATION
 from harness.behaviour.measure import (
     CALIBRATION,
     Comparer,
@@ -278,6 +280,63 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
     return CheckResult(Outcome.PASSED, message, details, metrics)
 
 
+def check_layers(ctx: Context) -> CheckResult:
+    """Each layer, given the reference's input, deviates from R's no more than rounding allows."""
+    unavailable = _unavailable(ctx, pair=True)
+    if unavailable is not None:
+        return unavailable
+    try:
+        figures = measure_layers(ctx)
+    except CANNOT_RUN as exc:
+        return _cannot_run(exc)
+    finally:
+        release_twin(ctx)
+    s = setup(ctx)
+    if not figures:
+        return CheckResult.skipped(
+            f"{s.task} model has no list of layers the harness can run one by one (the"
+            " equivalence check compares its outputs whole)"
+        )
+    probe = s.space.calibration_probe()
+    rule = (
+        f"each layer given the reference's input (teacher-forced) on a {probe.batch}x"
+        f"{probe.length} probe; figure: the {QUANTILE:.0%} quantile over positions of the RMS"
+        " |Δ| over the hidden size; allowed: C_LAYER x the larger of the adapter model's and a"
+        " correct merge's (the twin) + eps x the layer's output scale"
+    )
+    rows = [f.explain() for f in figures]
+    metrics: dict[str, Any] = {
+        "layers": len(figures),
+        "worst": max(figures, key=lambda f: f.ratio).to_json(),
+    }
+    bad = [f for f in figures if not f.ok]
+    if bad:
+        worst = max(bad, key=lambda f: f.ratio)
+        others = "" if len(bad) == 1 else f" ({len(bad)} of {len(figures)} layers beyond it)"
+        alone = (
+            "; every other layer is within its allowance"
+            if len(bad) == 1
+            else f": {', '.join(f.name for f in bad[:6])}" + (" ..." if len(bad) > 6 else "")
+        )
+        metrics["failed"] = [f.to_json() for f in bad]
+        return CheckResult.failed(
+            f"layer {worst.name} computes {worst.times_noise:.3g}x further from the"
+            f" {s.reference} reference than a correct merge's rounding (allowed {C_LAYER:g}x)"
+            f"{others}{alone}",
+            [rule, *rows, s.describe(), LAYER_CALIBRATION],
+            **metrics,
+        )
+    worst = max(figures, key=lambda f: f.ratio)
+    return CheckResult(
+        Outcome.PASSED,
+        f"each of {len(figures)} layers, given the reference's input, within rounding noise of"
+        f" the reference's output; worst {worst.name} at {worst.ratio:.0%} of its allowance"
+        f" ({worst.times_noise:.3g}x the noise)",
+        [rule, *rows, s.describe(), LAYER_CALIBRATION, *_traffic(ctx)],
+        metrics,
+    )
+
+
 def check_generation(ctx: Context) -> CheckResult:
     """Greedy decoding with M and A agrees, or diverges only where R's top-2 are within noise."""
     unavailable = _unavailable(ctx, pair=True)
@@ -384,6 +443,12 @@ def checks(settings: Settings) -> list[Check]:
             check_equivalence,
             "on hypothesis probes, deviates from an fp32 reference no more than the unmerged"
             " adapter model",
+        ),
+        (
+            "layers",
+            check_layers,
+            "each layer, given the reference's input, within rounding noise of the reference's"
+            " layer (finds a fault in one layer of a deep model)",
         ),
         (
             "generation",
