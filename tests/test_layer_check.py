@@ -103,3 +103,22 @@ def test_layers_are_named_as_in_the_transformers_model(deep):
         release_models(ctx)
     assert names == [f"model.layers.{i}" for i in range(4)]
 
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_a_correct_moe_merge_of_experts_and_router_passes(arch, tmp_path):
+    """Adapters on the experts and the router: a rounding may send a token to another expert,
+    which moves that position only; the quantile over positions looks past it."""
+    from harness.tiny import build_adapter, build_base, peft_merge
+    from harness.tiny_configs import MOE_PARAMETERS
+
+    base = build_base(tmp_path / "base", arch, "BF16")
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"],
+                            target_parameters=list(MOE_PARAMETERS[arch]), r=2, lora_alpha=4)
+    merged = peft_merge(base, adapter, tmp_path / "merged")
+    result = layer_check(merged, base, adapter)
+    assert result.outcome is Outcome.PASSED, result.message
+    doubled = edit_layer(merged, base, tmp_path / "doubled", 1, 2.0)
+    result = layer_check(doubled, base, adapter)
+    assert result.outcome is Outcome.FAILED, result.message
+    assert result.message.startswith("layer model.layers.1 computes ")
