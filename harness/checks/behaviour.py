@@ -312,17 +312,17 @@ def check_layers(ctx: Context) -> CheckResult:
     bad = [f for f in figures if not f.ok]
     if bad:
         worst = max(bad, key=lambda f: f.ratio)
-        others = "" if len(bad) == 1 else f" ({len(bad)} of {len(figures)} layers beyond it)"
         alone = (
             "; every other layer is within its allowance"
             if len(bad) == 1
-            else f": {', '.join(f.name for f in bad[:6])}" + (" ..." if len(bad) > 6 else "")
+            else f"; {len(bad)} of {len(figures)} layers beyond their allowance:"
+            f" {', '.join(f.name for f in bad[:6])}" + (" ..." if len(bad) > 6 else "")
         )
         metrics["failed"] = [f.to_json() for f in bad]
         return CheckResult.failed(
             f"layer {worst.name} computes {worst.times_noise:.3g}x further from the"
             f" {s.reference} reference than a correct merge's rounding (allowed {C_LAYER:g}x)"
-            f"{others}{alone}",
+            f"{alone}",
             [rule, *rows, s.describe(), LAYER_CALIBRATION],
             **metrics,
         )
