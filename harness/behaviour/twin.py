@@ -44,19 +44,23 @@ def _merge_plain_lora(layer: Any) -> bool:
     weight = base.weight
     lora_b, lora_a = layer.lora_B[name].weight, layer.lora_A[name].weight
     assert isinstance(lora_b, torch.Tensor) and isinstance(lora_a, torch.Tensor)
-    # (out, in) + s * (out, r) @ (r, in), accumulated in float32 as peft does on a CPU
-    merged = torch.addmm(
-        weight.float(), lora_b.float(), lora_a.float(), alpha=float(layer.scaling[name])
-    )
-    weight.data = merged.to(weight.dtype)
+    scale = float(layer.scaling[name])
+    if weight.dtype == torch.float32:
+        # (out, in) += s * (out, r) @ (r, in) in place: the same gemm as addmm (beta = 1) on the
+        # freshly read weight, without a second weight-sized buffer (180 MB per matrix at 7B)
+        weight.data.addmm_(lora_b.float(), lora_a.float(), alpha=scale)
+    else:
+        # accumulated in float32 as peft does on a CPU, then back to the compute dtype
+        merged = torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scale)
+        weight.data = merged.to(weight.dtype)
     layer.merged_adapters.append(name)
     return True
 
 
 def _round(tensor: torch.Tensor, stored: torch.dtype) -> None:
-    """Round ``tensor``'s values to ``stored`` and back, in place (a new storage)."""
+    """Round ``tensor``'s values to ``stored`` and back, in place (one stored-size buffer)."""
     if tensor.dtype != stored and tensor.is_floating_point():
-        tensor.data = tensor.data.to(stored).to(tensor.dtype)
+        tensor.data.copy_(tensor.data.to(stored))
 
 
 def merge_unit(stored: torch.dtype) -> Transform:
