@@ -450,3 +450,23 @@ def test_the_default_budget_holds_one_large_unit_not_two(monkeypatch):
     big = Pool("cpu")
     big.admit(object(), "n", 0, [("model.layers.0", 3 * GIB)], cache=True)
     assert big.budget == big.floor() == 3 * GIB
+
+
+def test_memory_kept_for_reuse_stays_within_the_budget(monkeypatch):
+    """Released units' memory is kept for the next unit only where the budget has room beyond
+    one unit: at the floor it would double what a pass holds."""
+    import harness.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu", meminfo=None: 20 * GIB)
+    roomy = Pool("cpu", requested=4 * GIB)
+    roomy.admit(object(), "m", 100 * MIB, [("model.layers.0", 800 * MIB)], cache=True)
+    assert roomy.recycler.limit == 800 * MIB  # the read-ahead slot: one unit's memory reused
+    tight = Pool("cpu")
+    tight.set_reserve(600 * MIB)
+    tight.admit(object(), "m", 160 * MIB, [("model.layers.0", 800 * MIB)], cache=True)
+    room = tight.budget - tight.floor()
+    assert 0 <= tight.recycler.limit == room < 800 * MIB
+    layer = torch.empty(room // 4 + 1, dtype=torch.float32)  # one byte-group over the room
+    tight.recycler.give(layer)
+    assert tight.recycler.held == 0
+    assert tight.used + tight.recycler.held + 800 * MIB <= tight.budget

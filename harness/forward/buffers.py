@@ -78,6 +78,14 @@ class Recycler:
                 _, (_, old) = self._free.popitem(last=False)
                 self.held -= old.numel() * old.element_size()
 
+    def resize(self, limit: int) -> None:
+        """Set the limit, dropping the longest idle tensors beyond it now."""
+        with self._lock:
+            self.limit = limit
+            while self.held > self.limit and self._free:
+                _, (_, old) = self._free.popitem(last=False)
+                self.held -= old.numel() * old.element_size()
+
     def clear(self) -> None:
         """Drop every idle tensor."""
         with self._lock:

@@ -125,7 +125,7 @@ class Pool:
         floor = self.resident + self.reserve + largest
         if floor > self.budget:
             del self.members[id(owner)]
-            self.recycler.limit = self.largest
+            self.limit_recycler()
             raise MemoryRefusal(
                 f"{label}: one unit ({name or 'the model'}) needs {format_size(largest)}, beside"
                 f" {format_size(self.resident + resident)} of resident adapter weights and a"
@@ -138,7 +138,7 @@ class Pool:
                 )
                 + f"; pass --merge-memory {suggest_size(floor * 1.1)} or more"
             )
-        self.recycler.limit = self.largest
+        self.limit_recycler()
         self.trim()
 
     def leave(self, owner: Any) -> None:
@@ -148,11 +148,22 @@ class Pool:
             del self.cache[key]
         if not self.members:
             self.recycler.clear()
-        self.recycler.limit = self.largest
+        self.limit_recycler()
+
+    def limit_recycler(self) -> None:
+        """Keep released units' memory for reuse only within the budget.
+
+        The recycled memory of one unit is what the next unit of the same shapes is read into:
+        the working set's second unit. Where the budget holds only the floor (one unit), memory
+        kept for reuse would come on top of it, so only what the budget leaves beyond the floor
+        is kept (the rest is freed, and the next unit allocates afresh).
+        """
+        self.recycler.resize(max(0, min(self.largest, self.budget - self.floor())))
 
     def set_reserve(self, nbytes: int) -> None:
         """Hold ``nbytes`` back for activations (the largest pass planned), dropping kept layers."""
         self.reserve = max(nbytes, 0)
+        self.limit_recycler()
         self.trim()
 
     def trim(self) -> None:
