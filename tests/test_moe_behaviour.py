@@ -26,6 +26,8 @@ from harness.checks import behaviour
 from harness.run.result import CheckResult
 from harness.run.runner import run_check
 from harness.run.settings import Settings
+from harness.tiny import build_adapter, peft_merge
+from harness.tiny_configs import MOE_PARAMETERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +89,15 @@ def test_a_router_or_experts_left_unmerged_fails_on_its_routing(moe, left, tmp_p
     assert "positions to other experts than the F32 reference" in result.message
     routing = result.metrics["routing"]
     assert routing["merged"] > routing["allowed"]
+
+
+def test_another_adapters_merge_fails_on_its_routing(moe, tmp_path):
+    options = {"target_modules": ["q_proj"], "target_parameters": list(MOE_PARAMETERS[moe.arch]),
+               "r": 2, "lora_alpha": 4}
+    other = build_adapter(moe.base, tmp_path / "other-adapter", seed=7, **options)
+    result = _run(peft_merge(moe.base, other, tmp_path / "other"), moe, "equivalence")
+    assert result.outcome.value == "failed"
+    assert "positions to other experts than the F32 reference" in result.message
 
 
 def test_a_doubled_expert_delta_still_fails(moe, tmp_path):
