@@ -284,10 +284,11 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
         moved = sum(r.merged for r in counted)
         positions = sum(r.positions for r in counted)
         allowed = sum(r.allowed for r in counted)
+        most = max(counted, key=lambda r: (ratio_of(r.merged, r.allowed), r.merged))
         routing = (
             f"; routing: {moved} of {positions} positions routed differently from R (allowed"
-            f" {allowed}, per probe at most {max(r.allowed for r in counted)}), judged on the"
-            f" other {positions - moved}"
+            f" {allowed}; the most on one probe {most.merged} of {most.positions}, allowed"
+            f" {most.allowed}), judged on the other {positions - moved}"
         )
         metrics.update(rerouted=moved, positions=positions, rerouted_allowed=allowed)
     message = (
