@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harness.behaviour.probe import ProbeInput, ProbeSpace
+from harness.behaviour.routing import per_sequence, recording
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +101,17 @@ def logits_of(out: Any, task: str) -> torch.Tensor:
     return hidden
 
 
+@dataclass(frozen=True)
+class Ran:
+    """One probe's outputs at its non-padded positions and, for an MoE model, their routing."""
+
+    #: ``(rows, K)`` on the CPU, in the model's output dtype
+    values: torch.Tensor
+    #: ``(rows, routers * k)`` routing keys of the same rows (``behaviour.routing``); None
+    #: when the model has no router that could be read
+    routes: torch.Tensor | None = None
+
+
 def run_probes(
     model: StreamedModel, probes: Sequence[ProbeInput], task: str, space: ProbeSpace
 ) -> list[torch.Tensor]:
@@ -108,24 +121,43 @@ def run_probes(
     1; per-sequence outputs (classification logits) one row per probe row. One forward pass per
     group (see :func:`groups`), in the model's output dtype (the caller measures in float64).
     """
+    return [r.values for r in run_routed(model, probes, task, space)]
+
+
+def run_routed(
+    model: StreamedModel, probes: Sequence[ProbeInput], task: str, space: ProbeSpace
+) -> list[Ran]:
+    """Each probe's outputs as :func:`run_probes` cuts them, with the routing of those rows.
+
+    The routers' choices are recorded during the same passes and cut back exactly as the
+    outputs: per-token outputs keep the routing of their own position; a per-sequence output's
+    row holds the routing of all its positions (padded ones as ``routing.UNROUTED``).
+    """
     import torch
 
-    found: list[torch.Tensor | None] = [None] * len(probes)
+    found: list[Ran | None] = [None] * len(probes)
     pad = space.pad_id or 0
     for group in groups(probes, space):
         batch = stack([probes[i] for i in group], pad)
-        with torch.inference_mode(), compute_threads(model):
+        tokens = batch.batch * batch.length
+        with torch.inference_mode(), compute_threads(model), recording(model.model, tokens) as rec:
             values = logits_of(model(**model_inputs(model, batch, task)), task).detach()
+        keys = rec.keys(batch.batch, batch.length)
         row = 0
         for index in group:
             probe = probes[index]
             # (rows, length, K) of this probe, or (rows, K) per sequence
             part = values[row : row + probe.batch]
+            # (rows, length, routers * k) routing keys of the same rows
+            route = None if keys is None else keys[row : row + probe.batch, : probe.length]
             row += probe.batch
+            mask = torch.tensor(probe.attention_mask, dtype=torch.bool)
             if part.dim() == 3:
-                mask = torch.tensor(probe.attention_mask, dtype=torch.bool, device=part.device)
-                part = part[:, : probe.length][mask]
-            found[index] = part.reshape(part.shape[0], -1).cpu()
+                part = part[:, : probe.length][mask.to(part.device)]
+                route = None if route is None else route[mask]
+            elif route is not None:
+                route = per_sequence(route, mask)
+            found[index] = Ran(part.reshape(part.shape[0], -1).cpu(), route)
     return [f for f in found if f is not None]
 
 
@@ -134,3 +166,11 @@ def outputs(model: StreamedModel, probe: ProbeInput, task: str, space: ProbeSpac
     import torch
 
     return run_probes(model, [probe], task, space)[0].to(torch.float64)
+
+
+def routed(model: StreamedModel, probe: ProbeInput, task: str, space: ProbeSpace) -> Ran:
+    """One probe's outputs as float64 ``(rows, K)``, with their routing (see :func:`run_routed`)."""
+    import torch
+
+    ran = run_routed(model, [probe], task, space)[0]
+    return Ran(ran.values.to(torch.float64), ran.routes)

@@ -25,9 +25,9 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from harness.behaviour.batch import outputs, run_probes
+from harness.behaviour.batch import Ran, outputs, routed, run_routed
 from harness.behaviour.models import (
     TOLERANCE,
     adapter_model,
@@ -37,6 +37,7 @@ from harness.behaviour.models import (
     twin_model,
 )
 from harness.behaviour.probe import ProbeInput
+from harness.behaviour.routing import Bound, Rerouting, count, rerouted, share
 from harness.dtypes import MANTISSA_BITS
 from harness.forward.stream import StreamedModel
 from harness.run.context import Context, Key
@@ -119,6 +120,24 @@ def deviation(values: torch.Tensor, reference: torch.Tensor, probabilistic: bool
     return Deviation(max_abs, mean_abs, float(kl.mean()), float(kl.max()), top1, float(overlap))
 
 
+def deviation_at(
+    values: torch.Tensor,
+    reference: torch.Tensor,
+    flipped: torch.Tensor | None,
+    probabilistic: bool,
+) -> Deviation:
+    """:func:`deviation` over the rows not ``flipped`` (routed differently from R).
+
+    ``flipped`` None (no routing known) keeps every row; no row left gives a zero deviation.
+    """
+    if flipped is None or not bool(flipped.any()):
+        return deviation(values, reference, probabilistic)
+    kept = ~flipped
+    if not bool(kept.any()):
+        return Deviation(0.0, 0.0)
+    return deviation(values[kept], reference[kept], probabilistic)
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """The pass rule: M's deviation within ``c`` times A's (floored by calibration) plus a ULP."""
@@ -130,6 +149,8 @@ class Tolerance:
     eps: float
     #: which model's deviation on which probe set the noise floor
     source: str = "the adapter model on the calibration probe"
+    #: how many positions may be routed differently (None: a model without routers read)
+    routing: Bound | None = None
 
     def limits(self, noise: Deviation, scale: float) -> tuple[float, float]:
         """Allowed max and mean |Δ| of M on a probe whose own rounding noise is ``noise``."""
@@ -151,9 +172,15 @@ class Tolerance:
             f" probe only where it can change the verdict); noise floor from {self.source}"
         )
 
-    def to_json(self) -> dict[str, float | str]:
-        """JSON-able figures."""
-        return {k: v if isinstance(v, str) else float(v) for k, v in self.__dict__.items()}
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able figures (``routing`` only for a model whose routers were read)."""
+        found: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, Bound):
+                found[k] = v.to_json()
+            elif v is not None:
+                found[k] = v if isinstance(v, str) else float(v)
+        return found
 
 
 @dataclass(frozen=True)
@@ -168,6 +195,8 @@ class Figures:
     allowed_mean: float
     #: the twin's deviation, measured only when M exceeded the allowance without it
     twin: Deviation | None = None
+    #: positions routed differently from R (None: a model without routers read)
+    routing: Rerouting | None = None
 
     @property
     def noise(self) -> Deviation:
@@ -182,15 +211,25 @@ class Figures:
     @property
     def ok(self) -> bool:
         """Whether M is within tolerance on this probe (NaN never is)."""
-        return self.merged.max_abs <= self.allowed_max and self.merged.mean_abs <= self.allowed_mean
+        routed = self.routing is None or self.routing.ok
+        return (
+            self.merged.max_abs <= self.allowed_max
+            and self.merged.mean_abs <= self.allowed_mean
+            and routed
+        )
 
     @property
     def ratio(self) -> float:
-        """How much of the allowance M uses (>1 fails): the larger of the two criteria."""
-        return max(
+        """How much of the |Δ| allowance M uses (>1 fails), or of the routing one when exceeded."""
+        ratios = [
             ratio_of(self.merged.max_abs, self.allowed_max),
             ratio_of(self.merged.mean_abs, self.allowed_mean),
-        )
+        ]
+        # rerouted positions count only when too many: one near-tie on a short probe uses its
+        # whole routing allowance, which says nothing about the |Δ| margin of a passing probe
+        if self.routing is not None and not self.routing.ok:
+            ratios.append(ratio_of(self.routing.merged, self.routing.allowed))
+        return max(ratios)
 
     def explain(self) -> str:
         """The figures of this probe in one line."""
@@ -199,7 +238,9 @@ class Figures:
             f" {self.adapter.max_abs:.3g}{self._twin('max_abs')}), mean|M-R|"
             f" {self.merged.mean_abs:.3g} (allowed {self.allowed_mean:.3g}; A"
             f" {self.adapter.mean_abs:.3g}{self._twin('mean_abs')}), logit scale"
-            f" {self.scale:.3g}" + _agreement(self.merged, self.adapter)
+            f" {self.scale:.3g}"
+            + _agreement(self.merged, self.adapter)
+            + ("" if self.routing is None else f"; {self.routing.describe()}")
         )
 
     def _twin(self, figure: str) -> str:
@@ -248,26 +289,37 @@ def tolerance(ctx: Context) -> Tolerance:
     def measure() -> Tolerance:
         s = setup(ctx)
         calibration = s.space.calibration_probe()
-        ref = outputs(reference_model(ctx), calibration, s.task, s.space)
-        adapter = None if s.upcast else outputs(adapter_model(ctx), calibration, s.task, s.space)
+        ref = routed(reference_model(ctx), calibration, s.task, s.space)
+        adapter = None if s.upcast else routed(adapter_model(ctx), calibration, s.task, s.space)
         return calibrated(ctx, ref, adapter)
 
     result: Tolerance = ctx.memo(TOLERANCE, measure)
     return result
 
 
-def calibrated(ctx: Context, ref: torch.Tensor, adapter: torch.Tensor | None) -> Tolerance:
-    """The tolerance from R's and A's outputs on the calibration probe (the twin runs here)."""
+def calibrated(ctx: Context, ref: Ran, adapter: Ran | None) -> Tolerance:
+    """The tolerance from R's and A's outputs on the calibration probe (the twin runs here).
+
+    Outputs are float64. For an MoE model the positions each model routed differently from R
+    are left out of its deviation, and the larger share of them sets the routing bound.
+    """
     s = setup(ctx)
     probabilistic = s.task in _PROBABILISTIC
     calibration = s.space.calibration_probe()
-    twin = deviation(outputs(twin_model(ctx), calibration, s.task, s.space), ref, probabilistic)
-    noises = [twin]
+    runs = [routed(twin_model(ctx), calibration, s.task, s.space)]
     source = f"a correct merge stored in {s.stored} (the twin)"
     if adapter is not None:
-        noises.append(deviation(adapter, ref, probabilistic))
+        runs.append(adapter)
         source = f"the larger of the adapter model's and {source}'s"
     source += " deviation on the calibration probe"
+    flips = [rerouted(run.routes, ref.routes) for run in runs]
+    noises = [
+        deviation_at(run.values, ref.values, flipped, probabilistic)
+        for run, flipped in zip(runs, flips, strict=True)
+    ]
+    bound = None
+    if ref.routes is not None and ref.routes.shape[-1] > 0:
+        bound = Bound(max(share(f) for f in flips))
 
     def largest(values: list[float]) -> float:
         finite = [v for v in values if math.isfinite(v)]
@@ -280,6 +332,7 @@ def calibrated(ctx: Context, ref: torch.Tensor, adapter: torch.Tensor | None) ->
         largest([n.mean_abs for n in noises]),
         2.0 ** -MANTISSA_BITS[s.compare],
         source,
+        bound,
     )
 
 
@@ -310,9 +363,9 @@ class Comparer:
         """One model's outputs on ``probe`` (float64, non-padded positions)."""
         return outputs(model, probe, self.setup.task, self.setup.space)
 
-    def run_all(self, model: StreamedModel, probes: Sequence[ProbeInput]) -> list[torch.Tensor]:
-        """One model's outputs on each of ``probes``, in one pass (model dtype, on the CPU)."""
-        return run_probes(model, probes, self.setup.task, self.setup.space)
+    def run_all(self, model: StreamedModel, probes: Sequence[ProbeInput]) -> list[Ran]:
+        """One model's outputs (and routing) on each of ``probes``, in one pass (model dtype)."""
+        return run_routed(model, probes, self.setup.task, self.setup.space)
 
     def measure(self, probe: ProbeInput) -> Figures:
         """M's and A's deviations from R on ``probe``, and the verdict."""
@@ -320,8 +373,6 @@ class Comparer:
 
     def measure_all(self, probes: Sequence[ProbeInput]) -> list[Figures]:
         """Figures for each of ``probes``: one pass of M, R (and A), the twin only if needed."""
-        import torch
-
         todo = list(dict.fromkeys(p for p in probes if p not in self.seen))
         if todo:
             # the first pass of R and A also measures the calibration probe, if not done yet
@@ -338,11 +389,7 @@ class Comparer:
                 adapter_c, adapter = adapter[0], adapter[1:]
                 self.ctx.seed(
                     TOLERANCE,
-                    calibrated(
-                        self.ctx,
-                        ref_c.to(torch.float64),
-                        None if upcast else adapter_c.to(torch.float64),
-                    ),
+                    calibrated(self.ctx, _wide(ref_c), None if upcast else _wide(adapter_c)),
                 )
             merged = self.run_all(self.merged, todo)
             judged = [
@@ -361,21 +408,44 @@ class Comparer:
             self.seen.update(zip(todo, judged, strict=True))
         return [self.seen[p] for p in probes]
 
-    def _judge(
-        self, probe: ProbeInput, ref: torch.Tensor, merged: torch.Tensor, adapter: torch.Tensor
-    ) -> Figures:
+    def _judge(self, probe: ProbeInput, ref: Ran, merged: Ran, adapter: Ran) -> Figures:
         import torch
 
-        ref = ref.to(torch.float64)
-        m = deviation(merged.to(torch.float64), ref, self.probabilistic)
-        a = deviation(adapter.to(torch.float64), ref, self.probabilistic)
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        return Figures(probe, m, a, scale, *self.tolerance.limits(a, scale))
+        r = ref.values.to(torch.float64)
+        m_flips = rerouted(merged.routes, ref.routes)
+        a_flips = rerouted(adapter.routes, ref.routes)
+        m = deviation_at(merged.values.to(r.dtype), r, m_flips, self.probabilistic)
+        a = deviation_at(adapter.values.to(r.dtype), r, a_flips, self.probabilistic)
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        routing = None
+        bound = self.tolerance.routing
+        if bound is not None and m_flips is not None:
+            positions = int(m_flips.numel())
+            a_count = count(a_flips)
+            routing = Rerouting(
+                positions, count(m_flips), a_count, bound.allowed(positions, a_count)
+            )
+        return Figures(probe, m, a, scale, *self.tolerance.limits(a, scale), routing=routing)
 
-    def _with_twin(self, figures: Figures, twin: torch.Tensor, ref: torch.Tensor) -> Figures:
+    def _with_twin(self, figures: Figures, twin: Ran, ref: Ran) -> Figures:
         import torch
 
-        t = deviation(twin.to(torch.float64), ref.to(torch.float64), self.probabilistic)
-        figures = dataclasses.replace(figures, twin=t)
+        r = ref.values.to(torch.float64)
+        flips = rerouted(twin.routes, ref.routes)
+        t = deviation_at(twin.values.to(r.dtype), r, flips, self.probabilistic)
+        routing = figures.routing
+        bound = self.tolerance.routing
+        if routing is not None and bound is not None:
+            t_count = count(flips)
+            allowed = bound.allowed(routing.positions, max(routing.adapter, t_count))
+            routing = dataclasses.replace(routing, twin=t_count, allowed=allowed)
+        figures = dataclasses.replace(figures, twin=t, routing=routing)
         allowed_max, allowed_mean = self.tolerance.limits(figures.noise, figures.scale)
         return dataclasses.replace(figures, allowed_max=allowed_max, allowed_mean=allowed_mean)
+
+
+def _wide(ran: Ran) -> Ran:
+    """``ran`` with its outputs in float64."""
+    import torch
+
+    return Ran(ran.values.to(torch.float64), ran.routes)

@@ -42,6 +42,7 @@ from harness.behaviour.models import (
     twin_model,
 )
 from harness.behaviour.probe import pad_rows
+from harness.behaviour.routing import FLIP_CALIBRATION
 from harness.behaviour.search import Search, search
 from harness.checks.passes import growth
 from harness.checks.sidecars import check_sidecars
@@ -209,6 +210,8 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
     """The equivalence check's result from a finished search."""
     s, tol = comparer.setup, comparer.tolerance
     details = [s.describe(), tol.describe(), CALIBRATION]
+    if tol.routing is not None:
+        details[2:2] = [tol.routing.describe(), FLIP_CALIBRATION]
     metrics: dict[str, Any] = {
         "probes": len(found.examples),
         "evaluations": found.evaluations,
@@ -231,9 +234,20 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
             adapter=bad.adapter.to_json(),
             twin=None if bad.twin is None else bad.twin.to_json(),
         )
+        if bad.routing is not None:
+            metrics.update(routing=bad.routing.to_json())
         details[:0] = [f"minimal failing input: {bad.probe.describe()}", bad.explain()]
         if found.note:
             details.append(found.note)
+        if bad.routing is not None and not bad.routing.ok:
+            r = bad.routing
+            return CheckResult.failed(
+                f"merged model routes {r.merged} of {r.positions} positions to other experts"
+                f" than the {s.reference} reference (allowed {r.allowed}: a correct merge"
+                f" reroutes only near-ties) on {bad.probe.describe(160)}",
+                details,
+                **metrics,
+            )
         if bad.merged.max_abs > bad.allowed_max:
             what = f"max|Δ| {bad.merged.max_abs:.3g} > allowed {bad.allowed_max:.3g}"
         else:
@@ -266,6 +280,19 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
         )
     details.append(f"worst probe ({worst.ratio:.0%} of its allowance): {worst.probe.describe()}")
     details.append(worst.explain())
+    routing = ""
+    counted = [f.routing for f in found.examples if f.routing is not None]
+    if counted:
+        moved = sum(r.merged for r in counted)
+        positions = sum(r.positions for r in counted)
+        allowed = sum(r.allowed for r in counted)
+        most = max(counted, key=lambda r: (ratio_of(r.merged, r.allowed), r.merged))
+        routing = (
+            f"; routing: {moved} of {positions} positions routed differently from R (allowed"
+            f" {allowed}; the most on one probe {most.merged} of {most.positions}, allowed"
+            f" {most.allowed}), judged on the other {positions - moved}"
+        )
+        metrics.update(rerouted=moved, positions=positions, rerouted_allowed=allowed)
     message = (
         f"merged within tolerance of the {s.reference} reference on {len(found.examples)} probes:"
         f" max|Δ| {m_max:.3g} vs "
@@ -275,7 +302,7 @@ def equivalence_result(comparer: Comparer, found: Search) -> CheckResult:
             else f"adapter model's {a_max:.3g}"
         )
         + ", worst probe used"
-        f" {worst.ratio:.0%} of its allowance{agree}"
+        f" {worst.ratio:.0%} of its allowance{agree}{routing}"
     )
     return CheckResult(Outcome.PASSED, message, details, metrics)
 
