@@ -343,7 +343,7 @@ def test_plugin_behaviour_only_good_and_faulty(pytester, tiny_merge_factory, tmp
     ]
     good = pytester.runpytest("--merged-model", str(case.merged), *args)
     assert good.ret == 0, good.stdout.str()
-    good.stdout.fnmatch_lines(["*merge::behaviour::equivalence*on 8 probes*", "*4 passed*"])
+    good.stdout.fnmatch_lines(["*merge::behaviour::equivalence*on 8 probes*", "*5 passed*"])
     faulty = inject(case.merged, case.base, "sign", tmp_path / "faulty")
     bad = pytester.runpytest("--merged-model", str(faulty), *args)
     assert bad.ret == 1, bad.stdout.str()
@@ -353,6 +353,7 @@ def test_plugin_behaviour_only_good_and_faulty(pytester, tiny_merge_factory, tmp
             "*minimal failing input: batch 1 x length *",
         ]
     )
+    bad.stdout.fnmatch_lines(["FAIL merge::behaviour::layers*further from the F32 reference*"])
 
 
 def test_sidecar_warning_passes_with_a_pytest_warning(pytester, tiny_merge_factory, tmp_path):

@@ -21,6 +21,7 @@ from harness.behaviour.batch import SEQ2SEQ, compute_threads
 from harness.behaviour.measure import Tolerance
 from harness.behaviour.models import PROBE_LENGTH, load_tokenizer
 from harness.behaviour.probe import ProbeSpace
+from harness.forward.pool import activation_bytes
 from harness.run.settings import Settings
 
 if TYPE_CHECKING:
@@ -115,16 +116,20 @@ def decode(
     device = model.device
     rows = Rows.left_padded(prompts, pad, device)
     tokens: list[list[int]] = [[] for _ in prompts]
-    kwargs = _first_inputs(model, rows, task)
-    for step in range(steps):
-        out = _call(model, **kwargs)
-        # (rows, length, vocab) -> each row's next token
-        picks = torch.argmax(out.logits[:, -1].float(), dim=-1).tolist()
-        for row, token in zip(tokens, picks, strict=True):
-            row.append(int(token))
-        if step + 1 == steps:
-            break
-        kwargs = _next_inputs(model, rows, tokens, out, kwargs, task)
+    # the passes are small and many: the model may keep as many of its layers as the budget
+    # holds beside what these passes need
+    need = activation_bytes(model.plain.config, len(prompts), rows.ids.shape[1] + steps)
+    with model.pool.focus(model, need):
+        kwargs = _first_inputs(model, rows, task)
+        for step in range(steps):
+            out = _call(model, **kwargs)
+            # (rows, length, vocab) -> each row's next token
+            picks = torch.argmax(out.logits[:, -1].float(), dim=-1).tolist()
+            for row, token in zip(tokens, picks, strict=True):
+                row.append(int(token))
+            if step + 1 == steps:
+                break
+            kwargs = _next_inputs(model, rows, tokens, out, kwargs, task)
     return tokens
 
 

@@ -19,6 +19,8 @@ under a tenth of the time it computes at that size).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +167,25 @@ class Pool:
         self.reserve = max(nbytes, 0)
         self.limit_recycler()
         self.trim()
+
+    @contextmanager
+    def focus(self, owner: Any, reserve: int) -> Iterator[None]:
+        """While one model runs many small passes (greedy decoding), let it use the room.
+
+        Layers kept for the other models are dropped (they would sit unused while this model
+        reads its own layers again on every pass), and the activation reserve is what these
+        passes need (``reserve``, if smaller than the one held). Both are restored after:
+        the reserve at once, kept layers as their models read them again.
+        """
+        before = self.reserve
+        for key in [k for k in self.cache if k[0] != id(owner)]:
+            del self.cache[key]
+        self.reserve = min(before, max(reserve, 0))
+        self.limit_recycler()
+        try:
+            yield
+        finally:
+            self.set_reserve(before)
 
     def trim(self) -> None:
         """Drop kept layers, oldest first, until the working set fits beside them."""
