@@ -68,3 +68,15 @@ def workshop(
 ) -> Workshop:
     """Tiny bases, adapters and merges as folders (the session's factory cache, step by step)."""
     return Workshop(tiny_merge_factory, tmp_path_factory.mktemp("workshop-scratch"))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models run faster on one thread than on two contended ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

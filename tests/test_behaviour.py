@@ -35,15 +35,6 @@ PROBES_PER_MERGE = 3
 CHECKS = {c.name: c for c in behaviour.checks(Settings())}
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(name: str, case: MergeCase, **options: object) -> CheckResult:
     """Run one behaviour check on a fresh context of ``case`` and free its models."""
     fresh = MergeCase(case.merged, case.base, case.adapter, case.spec, Settings(**options))

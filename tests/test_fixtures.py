@@ -15,13 +15,6 @@ from harness.tiny import MergeSpec, ModelSpec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tensors(folder):
     out = {}

@@ -32,13 +32,6 @@ from harness.tiny_configs import MOE_PARAMETERS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
 def moe(request, tmp_path_factory):

@@ -21,7 +21,6 @@ from harness.behaviour.batch import SEQ2SEQ, compute_threads
 from harness.behaviour.measure import Tolerance
 from harness.behaviour.models import PROBE_LENGTH, load_tokenizer
 from harness.behaviour.probe import ProbeSpace
-from harness.forward.pool import activation_bytes
 from harness.run.settings import Settings
 
 if TYPE_CHECKING:
@@ -116,10 +115,8 @@ def decode(
     device = model.device
     rows = Rows.left_padded(prompts, pad, device)
     tokens: list[list[int]] = [[] for _ in prompts]
-    # the passes are small and many: the model may keep as many of its layers as the budget
-    # holds beside what these passes need
-    need = activation_bytes(model.plain.config, len(prompts), rows.ids.shape[1] + steps)
-    with model.pool.focus(model, need):
+    # one pass per step: the model keeps as many of its own layers as the budget holds
+    with model.pool.focus(model):
         kwargs = _first_inputs(model, rows, task)
         for step in range(steps):
             out = _call(model, **kwargs)

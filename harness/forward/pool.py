@@ -169,23 +169,18 @@ class Pool:
         self.trim()
 
     @contextmanager
-    def focus(self, owner: Any, reserve: int) -> Iterator[None]:
-        """While one model runs many small passes (greedy decoding), let it use the room.
+    def focus(self, owner: Any) -> Iterator[None]:
+        """While one model runs many passes in a row (greedy decoding), let it keep its layers.
 
-        Layers kept for the other models are dropped (they would sit unused while this model
-        reads its own layers again on every pass), and the activation reserve is what these
-        passes need (``reserve``, if smaller than the one held). Both are restored after:
-        the reserve at once, kept layers as their models read them again.
+        Layers kept for the other models are dropped: they would sit unused while this model
+        reads its own layers again on every pass. The activation reserve stays as it is (the
+        memory activations used before is not reliably given back to the system, so using that
+        room for layers would grow the process instead). Other models keep layers again as
+        they read them after.
         """
-        before = self.reserve
         for key in [k for k in self.cache if k[0] != id(owner)]:
             del self.cache[key]
-        self.reserve = min(before, max(reserve, 0))
-        self.limit_recycler()
-        try:
-            yield
-        finally:
-            self.set_reserve(before)
+        yield
 
     def trim(self) -> None:
         """Drop kept layers, oldest first, until the working set fits beside them."""
