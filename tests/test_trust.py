@@ -68,10 +68,10 @@ def test_a_k_that_matches_nothing_is_no_checks_ran(pytester, tiny_llama):
 def test_one_check_is_selected_by_the_id_pytest_prints(pytester, tiny_llama):
     result = pytester.runpytest(*_args(tiny_llama.__dict__), "merge::hash::differs_from_base")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=1, deselected=21)
+    result.assert_outcomes(passed=1, deselected=22)
     result.stdout.fnmatch_lines(["PASS merge::hash::differs_from_base *", "gate: PASSED"])
     family = pytester.runpytest(*_args(tiny_llama.__dict__), "merge::structure")
-    family.assert_outcomes(passed=11, deselected=11)
+    family.assert_outcomes(passed=11, deselected=12)
     unknown = pytester.runpytest(*_args(tiny_llama.__dict__), "merge::hash::nope")
     assert unknown.ret == pytest.ExitCode.USAGE_ERROR
     assert "merge::hash::nope matches no merge check of this run" in unknown.stderr.str()
@@ -85,7 +85,7 @@ def test_missing_adapter_does_not_ship(pytester, tiny_llama):
     assert result.ret == 1
     result.stdout.fnmatch_lines([
         "*weights not verified: needs --adapter (adapter_supported, *",
-        "*behaviour not verified: needs --adapter (equivalence, generation)*",
+        "*behaviour not verified: needs --adapter (equivalence, layers, generation)*",
         "gate: FAILED (2 reason(s))",
     ])
     verdict = _report(report)["verdict"]
