@@ -111,6 +111,12 @@ class Ran:
     #: when the model has no router that could be read
     routes: torch.Tensor | None = None
 
+    def widened(self) -> Ran:
+        """The same rows with the outputs in float64 (what the comparisons measure in)."""
+        import torch
+
+        return Ran(self.values.to(torch.float64), self.routes)
+
 
 def run_probes(
     model: StreamedModel, probes: Sequence[ProbeInput], task: str, space: ProbeSpace
@@ -170,7 +176,4 @@ def outputs(model: StreamedModel, probe: ProbeInput, task: str, space: ProbeSpac
 
 def routed(model: StreamedModel, probe: ProbeInput, task: str, space: ProbeSpace) -> Ran:
     """One probe's outputs as float64 ``(rows, K)``, with their routing (see :func:`run_routed`)."""
-    import torch
-
-    ran = run_routed(model, [probe], task, space)[0]
-    return Ran(ran.values.to(torch.float64), ran.routes)
+    return run_routed(model, [probe], task, space)[0].widened()

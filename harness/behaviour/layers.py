@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harness.behaviour.batch import run_probes
+from harness.behaviour.measure import ratio_of
 from harness.behaviour.models import (
     adapter_model,
     merged_model,
@@ -76,11 +77,7 @@ class LayerFigures:
     @property
     def ratio(self) -> float:
         """How much of the allowance M uses (>1 fails; NaN uses infinitely much)."""
-        if self.merged != self.merged:
-            return float("inf")
-        if self.allowed <= 0:
-            return 0.0 if self.merged <= 0 else float("inf")
-        return self.merged / self.allowed
+        return ratio_of(self.merged, self.allowed)
 
     @property
     def ok(self) -> bool:
@@ -90,9 +87,7 @@ class LayerFigures:
     @property
     def times_noise(self) -> float:
         """M's deviation in multiples of the noise (inf where the noise is zero)."""
-        if self.noise <= 0:
-            return 0.0 if self.merged <= 0 else float("inf")
-        return self.merged / self.noise
+        return ratio_of(self.merged, self.noise)
 
     def explain(self) -> str:
         """The layer's figures in one line."""

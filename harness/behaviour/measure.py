@@ -389,7 +389,7 @@ class Comparer:
                 adapter_c, adapter = adapter[0], adapter[1:]
                 self.ctx.seed(
                     TOLERANCE,
-                    calibrated(self.ctx, _wide(ref_c), None if upcast else _wide(adapter_c)),
+                    calibrated(self.ctx, ref_c.widened(), None if upcast else adapter_c.widened()),
                 )
             merged = self.run_all(self.merged, todo)
             judged = [
@@ -442,10 +442,3 @@ class Comparer:
         figures = dataclasses.replace(figures, twin=t, routing=routing)
         allowed_max, allowed_mean = self.tolerance.limits(figures.noise, figures.scale)
         return dataclasses.replace(figures, allowed_max=allowed_max, allowed_mean=allowed_mean)
-
-
-def _wide(ran: Ran) -> Ran:
-    """``ran`` with its outputs in float64."""
-    import torch
-
-    return Ran(ran.values.to(torch.float64), ran.routes)
