@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.faults import inject
+from support.faults import inject, scale_layer
 
 from harness.case import MergeCase
 from harness.checks import behaviour
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 caught = bad.outcome.value == "failed" and found
                 cells.append(f"{found.group(1)}x" if caught and found else bad.outcome.value)
             good_layers = run(case, dtype, layers)
-            doubled = double_layer(case.merged, case.base, root / f"{arch}-{dtype}-x2", 0)
+            doubled = scale_layer(case.merged, case.base, root / f"{arch}-{dtype}-x2", 0, 2.0)
             bad_layers = run(MergeCase(doubled, case.base, case.adapter), dtype, layers)
             worst = bad_layers.metrics.get("worst", {})
             times = worst.get("merged", 0) / max(worst.get("noise", 0), 1e-300)
@@ -88,26 +87,6 @@ def _used(result: CheckResult) -> float:
     worst = result.metrics.get("worst", {})
     allowed = worst.get("allowed", 0.0)
     return float(worst.get("merged", 0.0) / allowed) if allowed else 0.0
-
-
-def double_layer(merged: Path, base: Path, out: Path, layer: int) -> Path:
-    """A copy of ``merged`` whose layer ``layer`` holds ``base + 2 * (merged - base)``."""
-    pattern = re.compile(rf"\.(layers|h)\.{layer}\.")
-    out.mkdir(parents=True)
-    original: dict[str, torch.Tensor] = {}
-    for file in base.glob("*.safetensors"):
-        original.update(load_file(file))
-    for file in merged.iterdir():
-        if file.suffix != ".safetensors":
-            (out / file.name).write_bytes(file.read_bytes())
-            continue
-        tensors = load_file(file)
-        for name, value in tensors.items():
-            if pattern.search(name) and name in original:
-                w = original[name].double()
-                tensors[name] = (w + 2 * (value.double() - w)).to(value.dtype).contiguous()
-        save_file(tensors, out / file.name, metadata={"format": "pt"})
-    return out
 
 
 if __name__ == "__main__":

@@ -6,13 +6,11 @@ a broken exporter makes them (one layer's delta doubled, one layer left unmerged
 
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from support.faults import scale_layer
+from support.moe import Moe
 
 from harness.behaviour.layers import C_LAYER, layers_of, measure_layers
 from harness.behaviour.models import merged_model, release_models
@@ -35,23 +33,6 @@ def layer_check(merged: Path, base: Path, adapter: Path) -> CheckResult:
         release_models(ctx)
 
 
-def edit_layer(merged: Path, base: Path, out: Path, layer: int, times: float) -> Path:
-    """A copy of ``merged`` whose layer ``layer`` holds ``base + times * (merged - base)``."""
-    shutil.copytree(merged, out)
-    pattern = re.compile(rf"\.layers\.{layer}\.")
-    original: dict[str, torch.Tensor] = {}
-    for file in base.glob("*.safetensors"):
-        original.update(load_file(file))
-    for file in out.glob("*.safetensors"):
-        tensors = load_file(file)
-        for name, value in tensors.items():
-            if pattern.search(name) and name in original:
-                w = original[name].double()
-                tensors[name] = (w + times * (value.double() - w)).to(value.dtype).contiguous()
-        save_file(tensors, file, metadata={"format": "pt"})
-    return out
-
-
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """A 4-layer bf16 Llama, an all-linear LoRA adapter, and peft's merge."""
@@ -72,7 +53,7 @@ def test_a_correct_merge_passes_every_layer(deep):
 
 @pytest.mark.parametrize(("times", "what"), [(2.0, "doubled"), (0.0, "left unmerged")])
 def test_one_faulty_layer_is_named(deep, tmp_path, times, what):
-    bad = edit_layer(deep.merged, deep.base, tmp_path / what.replace(" ", "-"), 2, times)
+    bad = scale_layer(deep.merged, deep.base, tmp_path / what.replace(" ", "-"), 2, times)
     result = layer_check(bad, deep.base, deep.adapter)
     assert result.outcome is Outcome.FAILED, result.message
     assert result.message.startswith("layer model.layers.2 computes ")
@@ -84,7 +65,7 @@ def test_one_faulty_layer_is_named(deep, tmp_path, times, what):
 
 def test_teacher_forcing_isolates_each_layer(deep, tmp_path):
     """With layer 1 broken, layers 2 and 3 still match: each ran on the reference's input."""
-    bad = edit_layer(deep.merged, deep.base, tmp_path / "broken-1", 1, 3.0)
+    bad = scale_layer(deep.merged, deep.base, tmp_path / "broken-1", 1, 3.0)
     ctx = MergeCase(bad, deep.base, deep.adapter).context()
     try:
         figures = {f.name: f for f in measure_layers(ctx)}
@@ -109,16 +90,11 @@ def test_layers_are_named_as_in_the_transformers_model(deep):
 def test_a_correct_moe_merge_of_experts_and_router_passes(arch, tmp_path):
     """Adapters on the experts and the router: a rounding may send a token to another expert,
     which moves that position only; the quantile over positions looks past it."""
-    from harness.tiny import build_adapter, build_base, peft_merge
-    from harness.tiny_configs import MOE_PARAMETERS
-
-    base = build_base(tmp_path / "base", arch, "BF16")
-    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"],
-                            target_parameters=list(MOE_PARAMETERS[arch]), r=2, lora_alpha=4)
-    merged = peft_merge(base, adapter, tmp_path / "merged")
+    case = Moe(tmp_path, arch)
+    merged, base, adapter = case.merged, case.base, case.adapter
     result = layer_check(merged, base, adapter)
     assert result.outcome is Outcome.PASSED, result.message
-    doubled = edit_layer(merged, base, tmp_path / "doubled", 1, 2.0)
+    doubled = scale_layer(merged, base, tmp_path / "doubled", 1, 2.0)
     result = layer_check(doubled, base, adapter)
     assert result.outcome is Outcome.FAILED, result.message
     assert result.message.startswith("layer model.layers.1 computes ")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.checkpoints import read_tensors
+from support.moe import Moe
 from support.oracle import oracle, weight_results
 
 from harness.checks.structure import checks as structure_checks
@@ -24,8 +25,7 @@ from harness.run.context import Context
 from harness.run.result import Outcome
 from harness.run.runner import run_check
 from harness.run.settings import Settings
-from harness.tiny import build_adapter, build_base, peft_merge
-from harness.tiny_configs import MOE, MOE_PARAMETERS
+from harness.tiny_configs import MOE
 
 
 def _fused_copy(folder: Path, out: Path) -> Path:
@@ -35,19 +35,6 @@ def _fused_copy(folder: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     model.save_pretrained(out, save_original_format=False)
     return out
-
-
-class Moe:
-    """A tiny MoE base, an adapter on its experts, router and q_proj, and peft's merge."""
-
-    def __init__(self, root: Path, arch: str, **lora) -> None:
-        self.arch = arch
-        self.base = build_base(root / "base", arch, "BF16")
-        options = {"target_modules": ["q_proj"], "target_parameters": list(MOE_PARAMETERS[arch]),
-                   "r": 2, "lora_alpha": 4, **lora}
-        self.adapter = build_adapter(self.base, root / "adapter", **options)
-        self.merged = peft_merge(self.base, self.adapter, root / "merged")
-        self.root = root
 
 
 @pytest.fixture(scope="module", params=sorted(MOE))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.checkpoints import read_tensors
-from test_moe import Moe
+from support.moe import Moe
 
 from harness.behaviour.batch import run_probes, run_routed
 from harness.behaviour.measure import Comparer, deviation, deviation_at

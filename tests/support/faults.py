@@ -87,3 +87,22 @@ def retie(merged: Path, out: Path) -> Path:
         if tensors.pop("lm_head.weight", None) is not None:
             save_file(tensors, file, metadata={"format": "pt"})
     return out
+
+
+def scale_layer(merged: Path, base: Path, out: Path, layer: int, times: float) -> Path:
+    """Copy ``merged`` to ``out`` with layer ``layer`` holding ``base + times * (merged - base)``.
+
+    ``times`` 2 doubles that layer's delta, 0 leaves the layer unmerged; every other tensor is
+    kept as it is.
+    """
+    shutil.copytree(merged, out)
+    pattern = re.compile(rf"\.(?:layers|h)\.{layer}\.")
+    original = _base_tensors(base)
+    for file in _files(out):
+        tensors = load_file(file)
+        for name, value in tensors.items():
+            if pattern.search(name) and name in original:
+                w = original[name].double()
+                tensors[name] = (w + times * (value.double() - w)).to(value.dtype).contiguous()
+        save_file(tensors, file, metadata={"format": "pt"})
+    return out
